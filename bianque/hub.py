@@ -1,0 +1,70 @@
+"""Where checkpoints come from: a local directory, the local Hugging Face cache, or the hub."""
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+
+from .errors import ModelLoadError
+
+log = logging.getLogger(__name__)
+
+V1_REPO = "scutcyr/BianQue-1.0"
+V2_REPO = "scutcyr/BianQue-2"
+# Remote code (*.py) is never fetched: the project runs the checkpoints with its own code.
+ALLOW_PATTERNS = ["*.json", "*.model", "*.safetensors", "*.bin", "*.txt", "*.md"]
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def looks_like_repo_id(name: str) -> bool:
+    return bool(_REPO_ID.match(name)) and not name.startswith((".", "/", "~"))
+
+
+def resolve_checkpoint(name_or_path: str, env_var: str) -> Path:
+    """A local directory as is; else the offline HF cache; else a download from the hub."""
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return path
+    if not looks_like_repo_id(name_or_path):
+        raise ModelLoadError(_message(name_or_path, f"no such directory {path}", env_var))
+    try:
+        return Path(_snapshot(name_or_path, local_files_only=True))
+    except Exception:  # not in the cache: fall through to the hub
+        pass
+    try:
+        log.info("downloading %s from the hub", name_or_path)
+        return Path(_snapshot(name_or_path, local_files_only=False))
+    except Exception as exc:  # no network, unknown repo, disk full, ...
+        reason = f"not a local directory, not in the local cache, and the hub failed ({type(exc).__name__}: {exc})"
+        raise ModelLoadError(_message(name_or_path, reason, env_var)) from exc
+
+
+def _message(name: str, reason: str, env_var: str) -> str:
+    return (
+        f"could not load {name}: {reason}; set {env_var} to a local directory "
+        "or run `python -m bianque download`"
+    )
+
+
+def _snapshot(repo_id: str, local_files_only: bool, local_dir: Path | None = None) -> str:
+    from huggingface_hub import snapshot_download  # imported lazily: no hub code at import time
+
+    return snapshot_download(
+        repo_id,
+        local_files_only=local_files_only,
+        local_dir=local_dir,
+        allow_patterns=ALLOW_PATTERNS,
+        etag_timeout=10,
+    )
+
+
+def download(repo_id: str, to: Path | None = None) -> Path:
+    """Fetch one checkpoint (with huggingface_hub's progress bars) for later offline use."""
+    local_dir = None if to is None else Path(to) / repo_id.split("/")[-1]
+    try:
+        return Path(_snapshot(repo_id, local_files_only=False, local_dir=local_dir))
+    except Exception as exc:
+        raise ModelLoadError(
+            f"could not download {repo_id}: {type(exc).__name__}: {exc}. "
+            "Check the network connection (or HF_ENDPOINT / HF_HUB_OFFLINE) and try again"
+        ) from exc
