@@ -35,7 +35,7 @@ def resolve_checkpoint(name_or_path: str, env_var: str) -> Path:
         log.info("downloading %s from the hub", name_or_path)
         return Path(_snapshot(name_or_path, local_files_only=False))
     except Exception as exc:  # no network, unknown repo, disk full, ...
-        reason = f"not a local directory, not in the local cache, and the hub failed ({type(exc).__name__}: {exc})"
+        reason = f"not a local directory, not in the local cache, and the hub failed ({_first_line(exc)})"
         raise ModelLoadError(_message(name_or_path, reason, env_var)) from exc
 
 
@@ -44,6 +44,11 @@ def _message(name: str, reason: str, env_var: str) -> str:
         f"could not load {name}: {reason}; set {env_var} to a local directory "
         "or run `python -m bianque download`"
     )
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
 
 
 def _snapshot(repo_id: str, local_files_only: bool, local_dir: Path | None = None) -> str:
@@ -65,6 +70,6 @@ def download(repo_id: str, to: Path | None = None) -> Path:
         return Path(_snapshot(repo_id, local_files_only=False, local_dir=local_dir))
     except Exception as exc:
         raise ModelLoadError(
-            f"could not download {repo_id}: {type(exc).__name__}: {exc}. "
+            f"could not download {repo_id}: {_first_line(exc)}. "
             "Check the network connection (or HF_ENDPOINT / HF_HUB_OFFLINE) and try again"
         ) from exc
