@@ -1,0 +1,160 @@
+"""Load a ChatGLM-6B checkpoint directory (BianQue-2 layout, SPEC §1) into GLMForCausalLM.
+
+Small and loud: read config.json, index every tensor in the weight files (safetensors, a single
+`pytorch_model.bin` read with weights_only=True, or shards listed in `*.index.json`), check names
+and shapes against the model BEFORE reading any data, then fill the model built on the meta
+device one layer at a time, so a 6B checkpoint is never held twice in memory.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from ..errors import ModelLoadError
+from .config import GLMConfig
+from .model import GLMForCausalLM
+
+log = logging.getLogger(__name__)
+
+EMBEDDING = "transformer.word_embeddings.weight"
+HEAD = "lm_head.weight"
+# Recomputed by the model from the config (the reference never loads them either).
+IGNORED = re.compile(r"transformer\.layers\.\d+\.attention\.rotary_emb\.inv_freq")
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+          "half": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+def as_dtype(dtype: torch.dtype | str | None) -> torch.dtype:
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(DTYPES)}")
+    return DTYPES[dtype]
+
+
+class TensorIndex:
+    """name -> a way to read that tensor, across one or many files; shapes known up front."""
+
+    def __init__(self) -> None:
+        self.shapes: dict[str, tuple[int, ...]] = {}
+        self._readers: dict[str, Callable[[], torch.Tensor]] = {}
+
+    def add_safetensors(self, path: Path) -> None:
+        with safe_open(str(path), framework="pt") as f:
+            for name in f.keys():
+                self.shapes[name] = tuple(f.get_slice(name).get_shape())
+                self._readers[name] = lambda n=name: _read_safetensor(path, n)
+
+    def add_bin(self, path: Path) -> None:
+        # mmap keeps the pickle's storage on disk until a tensor is copied out; weights_only
+        # refuses anything but tensors and plain containers.
+        try:
+            state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError:  # legacy (non-zip) pickles cannot be memory-mapped
+            state = torch.load(str(path), map_location="cpu", weights_only=True)
+        for name, tensor in state.items():
+            self.shapes[name] = tuple(tensor.shape)
+            self._readers[name] = lambda t=tensor: t
+
+    def read(self, name: str) -> torch.Tensor:
+        return self._readers[name]()
+
+
+def _read_safetensor(path: Path, name: str) -> torch.Tensor:
+    with safe_open(str(path), framework="pt") as f:
+        return f.get_tensor(name)
+
+
+def index_checkpoint(directory: Path) -> TensorIndex:
+    """Index the first weight format found (safetensors preferred)."""
+    index = TensorIndex()
+    for filename in WEIGHT_FILES:
+        path = directory / filename
+        if not path.exists():
+            continue
+        files = [path]
+        if filename.endswith(".index.json"):
+            weight_map = json.loads(path.read_text(encoding="utf-8"))["weight_map"]
+            files = [directory / shard for shard in sorted(set(weight_map.values()))]
+        for file in files:
+            if not file.exists():
+                raise ModelLoadError(f"shard {file.name} listed in {filename} is missing from {directory}")
+            (index.add_safetensors if file.suffix == ".safetensors" else index.add_bin)(file)
+        return index
+    raise ModelLoadError(f"no weights in {directory}: expected one of {', '.join(WEIGHT_FILES)}")
+
+
+def expected_shapes(model: GLMForCausalLM) -> dict[str, tuple[int, ...]]:
+    """Every tensor the checkpoint must provide (the tied head is optional: it is the embedding)."""
+    return {name: tuple(p.shape) for name, p in model.state_dict(keep_vars=True).items() if name != HEAD}
+
+
+def check_names(index: TensorIndex, expected: dict[str, tuple[int, ...]]) -> None:
+    """Raise one ModelLoadError listing every missing, unexpected and mis-shaped tensor."""
+    found = {n: s for n, s in index.shapes.items() if not IGNORED.fullmatch(n)}
+    if EMBEDDING not in found and HEAD in found:
+        found[EMBEDDING] = found.pop(HEAD)  # only the head was saved: it is the embedding
+    head_shape = found.pop(HEAD, None)
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    wrong = [f"{n}: checkpoint {list(s)} vs model {list(expected[n])}"
+             for n, s in sorted(found.items()) if n in expected and s != expected[n]]
+    if head_shape is not None and head_shape != expected[EMBEDDING]:
+        wrong.append(f"{HEAD}: checkpoint {list(head_shape)} vs model {list(expected[EMBEDDING])}")
+    problems = []
+    for label, names in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)):
+        if names:
+            problems.append(f"{label} ({len(names)}): {', '.join(names[:20])}{' ...' if len(names) > 20 else ''}")
+    if problems:
+        raise ModelLoadError("checkpoint does not match its config.json; " + "; ".join(problems))
+
+
+def _load_module(module: torch.nn.Module, prefix: str, index: TensorIndex, dtype: torch.dtype,
+                 device: torch.device) -> None:
+    state = {}
+    for name in module.state_dict(keep_vars=True):
+        full = prefix + name
+        source = full if full in index.shapes else HEAD  # embedding saved only as the head
+        state[name] = index.read(source).to(device=device, dtype=dtype)
+    module.load_state_dict(state, strict=True, assign=True)
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | str | None = None,
+               quantize: int | None = None) -> GLMForCausalLM:
+    """GLMForCausalLM from a checkpoint directory, in `dtype` (default float32) on `device`,
+    with weight-only int8/int4 linears when `quantize` is 8 or 4 (or config.quantization_bit)."""
+    directory = Path(path)
+    if not (directory / "config.json").is_file():
+        raise ModelLoadError(f"{directory} is not a ChatGLM checkpoint directory (no config.json)")
+    try:
+        config = GLMConfig.from_json(directory)
+    except (ValueError, TypeError, json.JSONDecodeError) as err:
+        raise ModelLoadError(f"cannot read {directory / 'config.json'}: {err}") from err
+    dtype, device = as_dtype(dtype), torch.device(device)
+    bits = quantize or config.quantization_bit or None
+    if bits not in (None, 4, 8):
+        raise ModelLoadError(f"quantize must be 4 or 8, not {bits}")
+    with torch.device("meta"):
+        model = GLMForCausalLM(config)
+    index = index_checkpoint(directory)
+    check_names(index, expected_shapes(model))
+    _load_module(model.transformer.word_embeddings, "transformer.word_embeddings.", index, dtype, device)
+    _load_module(model.transformer.final_layernorm, "transformer.final_layernorm.", index, dtype, device)
+    for i, block in enumerate(model.transformer.layers):
+        _load_module(block, f"transformer.layers.{i}.", index, dtype, device)
+        if bits:
+            from .quant import quantize_block_  # engineer F's module; only needed when quantising
+            quantize_block_(block, bits)
+    model.lm_head.weight = model.transformer.word_embeddings.weight  # re-tie after assign=True
+    log.info("loaded ChatGLM checkpoint: layers=%d hidden=%d dtype=%s device=%s quantize=%s",
+             config.num_layers, config.hidden_size, dtype, device, bits)
+    return model.requires_grad_(False).eval()
