@@ -1,0 +1,257 @@
+"""`python -m bianque chat|download|convert`: terminal consultations and model housekeeping.
+
+The chat shows the doctor's own reply to its user (that is the product); nothing else about the
+dialogue is logged. Status lines go to stderr so ``--json`` output stays machine-readable.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass, replace
+from typing import Callable, Iterator, Sequence, TextIO
+
+import torch
+
+from .errors import ModelLoadError
+from .prompt import DOCTOR, PATIENT, Turn
+from .settings import Settings, add_settings_arguments, settings_from_args
+
+MODES = ("v1", "v2", "coq")
+COMMANDS_HELP = "命令：/advise 直接给建议  /clear 新的问诊  /quit 退出  （Ctrl-C 停止当前回复）"
+MODEL_NAMES = {"v1": "BianQue-1.0", "v2": "BianQue-2.0"}
+
+
+@dataclass
+class Reply:
+    """What a responder returns: the same shape as the router's reply."""
+
+    stage: str
+    model: str
+    chunks: Iterator[str]
+
+
+class WithParams:
+    """A doctor bound to per-session generation settings, so the router can call ``reply(turns)``."""
+
+    def __init__(self, doctor, params) -> None:
+        self.doctor, self.params = doctor, params
+
+    def reply(self, turns: Sequence[Turn]) -> Iterator[str]:
+        return self.doctor.reply(turns, self.params)
+
+
+Responder = Callable[[Sequence[Turn], bool], Reply]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="bianque", description="BianQue (扁鹊) health consultation")
+    sub = parser.add_subparsers(dest="command", required=True)
+    chat = sub.add_parser("chat", help="interactive consultation in the terminal")
+    chat.add_argument("--mode", choices=MODES, default="coq", help="v1 asks, v2 advises, coq: v1 then v2")
+    add_settings_arguments(chat)
+    chat.add_argument("--greedy", action="store_true", help="deterministic decoding instead of sampling")
+    chat.add_argument("--v1-temperature", type=float)
+    chat.add_argument("--v1-top-p", type=float)
+    chat.add_argument("--v2-temperature", type=float)
+    chat.add_argument("--v2-top-p", type=float)
+    chat.add_argument("--top-k", type=int, help="top-k for both models (default 50)")
+    chat.add_argument("--max-new-tokens", type=int, help="BianQue-1.0 reply length limit (default 512)")
+    chat.add_argument("--max-length", type=int, help="BianQue-2.0 prompt+reply token limit (default 2048)")
+    chat.add_argument("--json", action="store_true", help="stdin lines in, one JSON object per reply out")
+    dl = sub.add_parser("download", help="fetch the checkpoints for offline use")
+    dl.add_argument("--to", help="directory to put them in (default: the Hugging Face cache)")
+    dl.add_argument("--only", choices=("v1", "v2"))
+    conv = sub.add_parser("convert", help="rewrite a BianQue-2 checkpoint as (quantised) safetensors", add_help=False)
+    conv.add_argument("args", nargs=argparse.REMAINDER)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["convert"]:  # its own parser owns the flags
+        from .convert import main as convert_main
+
+        return convert_main(argv[1:])
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "download":
+            return download(args)
+        return chat(args)
+    except ModelLoadError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+def download(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .hub import V1_REPO, V2_REPO, download as fetch
+
+    repos = {"v1": V1_REPO, "v2": V2_REPO}
+    for key in [args.only] if args.only else ["v1", "v2"]:
+        print(f"downloading {repos[key]} ...", file=sys.stderr)
+        path = fetch(repos[key], Path(args.to) if args.to else None)
+        print(f"{repos[key]} -> {path}", file=sys.stderr)
+    return 0
+
+
+def load_doctors(mode: str, settings: Settings) -> dict:
+    """Load the models this mode needs, each on its own device/dtype."""
+    doctors = {}
+    if mode in ("v1", "coq"):
+        from .t5 import load_questioner
+
+        s = settings.v1
+        print(f"loading BianQue-1.0 from {s.model} on {s.device} ...", file=sys.stderr)
+        doctors["v1"] = load_questioner(s.model, device=s.device, dtype=s.dtype)
+    if mode in ("v2", "coq"):
+        from .glm import load_advisor
+
+        s = settings.v2
+        print(f"loading BianQue-2.0 from {s.model} on {s.device} ...", file=sys.stderr)
+        doctors["v2"] = load_advisor(s.model, device=s.device, dtype=s.dtype, quantize=s.quantize)
+    return doctors
+
+
+def session_params(doctor, args: argparse.Namespace, version: str):
+    """The doctor's default generation settings with the command-line overrides applied."""
+    params = doctor.default_params
+    sampling = params.sampling
+    overrides = {
+        "do_sample": False if args.greedy else None,
+        "temperature": getattr(args, f"{version}_temperature"),
+        "top_p": getattr(args, f"{version}_top_p"),
+        "top_k": args.top_k,
+    }
+    sampling = replace(sampling, **{k: v for k, v in overrides.items() if v is not None})
+    params = replace(params, sampling=sampling)
+    limit = {"v1": ("max_new_tokens", args.max_new_tokens), "v2": ("max_length", args.max_length)}[version]
+    return replace(params, **{limit[0]: limit[1]}) if limit[1] is not None else params
+
+
+def make_responder(mode: str, doctors: dict, args: argparse.Namespace, max_questions: int) -> Responder:
+    bound = {v: WithParams(d, session_params(d, args, v)) for v, d in doctors.items()}
+    if mode == "coq":
+        from .router import ChainOfQuestioning
+
+        router = ChainOfQuestioning(bound["v1"], bound["v2"], max_questions=max_questions)
+        return lambda turns, advise_now: router.respond(turns, advise_now=advise_now)
+    stage = "question" if mode == "v1" else "advice"
+    return lambda turns, advise_now: Reply(stage, mode, iter(bound[mode].reply(turns)))
+
+
+def chat(args: argparse.Namespace) -> int:
+    settings = settings_from_args(args)
+    if settings.seed is not None:
+        torch.manual_seed(settings.seed)
+    doctors = load_doctors(args.mode, settings)
+    respond = make_responder(args.mode, doctors, args, settings.max_questions)
+    if args.json:
+        return run_json(respond, sys.stdin, sys.stdout)
+    return run_interactive(respond, args.mode, settings.max_questions)
+
+
+def handle_line(text: str, turns: list[Turn], respond: Responder) -> tuple[str, Reply | None]:
+    """Apply one input line to the dialogue: ('quit'|'clear'|'skip'|'reply', reply)."""
+    text = text.strip()
+    if not text:
+        return "skip", None
+    if text == "/quit":
+        return "quit", None
+    if text == "/clear":
+        turns.clear()
+        return "clear", None
+    advise_now = text.split(maxsplit=1)[0] == "/advise"
+    if advise_now:
+        text = text[len("/advise"):].strip()
+        if not text:  # advice now on what the patient has said: withdraw the unanswered question
+            if not turns:
+                return "skip", None
+            if turns[-1].role == DOCTOR:
+                turns.pop()
+            return "reply", respond(list(turns), True)
+    turns.append(Turn(PATIENT, text))
+    return "reply", respond(list(turns), advise_now)
+
+
+def run_json(respond: Responder, stdin: TextIO, stdout: TextIO) -> int:
+    turns: list[Turn] = []
+    for line in stdin:
+        action, reply = handle_line(line, turns, respond)
+        if action == "quit":
+            break
+        if reply is None:
+            continue
+        text = "".join(reply.chunks)
+        turns.append(Turn(DOCTOR, text, reply.stage))
+        stdout.write(json.dumps({"stage": reply.stage, "model": reply.model, "text": text}, ensure_ascii=False) + "\n")
+        stdout.flush()
+    return 0
+
+
+def label(reply: Reply, turns: Sequence[Turn], max_questions: int, mode: str) -> str:
+    name = MODEL_NAMES[reply.model]
+    if mode != "coq":
+        return name
+    if reply.stage == "question":
+        asked = sum(t.stage == "question" for t in turns if t.role == DOCTOR) + 1
+        return f"问询 {asked}/{max_questions} · {name}"
+    return f"建议 · {name}"
+
+
+def stream_reply(reply: Reply, out: TextIO) -> tuple[str, bool]:
+    """Print chunks as they come; Ctrl-C stops this reply only. Returns (text, stopped)."""
+    parts: list[str] = []
+    try:
+        for chunk in reply.chunks:
+            parts.append(chunk)
+            out.write(chunk)
+            out.flush()
+    except KeyboardInterrupt:
+        close = getattr(reply.chunks, "close", None)
+        if close:
+            close()
+        return "".join(parts), True
+    return "".join(parts), False
+
+
+def run_interactive(respond: Responder, mode: str, max_questions: int) -> int:
+    from .router import GREETING
+
+    out = sys.stdout
+    print(f"扁鹊：{GREETING}\n{COMMANDS_HELP}", file=out)
+    turns: list[Turn] = []
+    while True:
+        try:
+            line = input("病人：")
+        except (EOFError, KeyboardInterrupt):
+            print(file=out)
+            return 0
+        try:
+            action, reply = handle_line(line, turns, respond)
+        except torch.OutOfMemoryError:
+            turns.pop()
+            print("（内存不足，这条消息未能回复，请重试或输入 /clear）", file=sys.stderr)
+            continue
+        if action == "quit":
+            return 0
+        if action == "clear":
+            print("（已开始新的问诊）", file=out)
+        if reply is None:
+            continue
+        out.write(f"医生［{label(reply, turns[:-1], max_questions, mode)}］：")
+        try:
+            text, stopped = stream_reply(reply, out)
+        except torch.OutOfMemoryError:
+            turns.pop()
+            print("\n（内存不足，这条消息未能回复，请重试或输入 /clear）", file=sys.stderr)
+            continue
+        print(" ［已停止］" if stopped else "", file=out)
+        if text:
+            turns.append(Turn(DOCTOR, text, reply.stage))
+        else:
+            turns.pop()  # nothing was said: keep the dialogue valid for the next message

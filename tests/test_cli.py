@@ -1,0 +1,124 @@
+"""The terminal consultation: command handling with recording fake doctors, and the real CLI end to end."""
+import io
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from bianque.cli import Reply, build_parser, handle_line, label, make_responder, run_json, session_params
+from bianque.prompt import DOCTOR, PATIENT, Turn
+from bianque.sampling import SamplingParams
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class FakeParams:
+    sampling: SamplingParams = SamplingParams(True, 0.7, 1.0, 50)
+    max_new_tokens: int = 512
+
+
+@dataclass
+class FakeDoctor:
+    answers: list
+    default_params: FakeParams = FakeParams()
+    calls: list = field(default_factory=list)
+
+    def reply(self, turns, params=None):
+        self.calls.append((list(turns), params))
+        yield from self.answers.pop(0)
+
+
+def fake_args(**kw):
+    args = build_parser().parse_args(["chat", *kw.pop("argv", [])])
+    for k, v in kw.items():
+        setattr(args, k, v)
+    return args
+
+
+def test_session_params_apply_overrides():
+    doc = FakeDoctor([])
+    params = session_params(doc, fake_args(argv=["--greedy", "--v1-top-p", "0.9", "--max-new-tokens", "64"]), "v1")
+    assert params == FakeParams(SamplingParams(False, 0.7, 0.9, 50), 64)
+    assert session_params(doc, fake_args(), "v1") == FakeParams()
+
+
+def test_json_mode_single_model_passes_dialogue_and_params():
+    doc = FakeDoctor([["失眠", "多久了？"], ["睡前", "少看手机。"]])
+    respond = make_responder("v1", {"v1": doc}, fake_args(argv=["--greedy"]), 8)
+    out = io.StringIO()
+    run_json(respond, io.StringIO("我失眠\n\n   \n两周了\n"), out)
+    lines = [json.loads(x) for x in out.getvalue().splitlines()]
+    assert lines == [
+        {"stage": "question", "model": "v1", "text": "失眠多久了？"},
+        {"stage": "question", "model": "v1", "text": "睡前少看手机。"},
+    ]
+    first, second = doc.calls
+    assert first[0] == [Turn(PATIENT, "我失眠")]
+    assert second[0] == [Turn(PATIENT, "我失眠"), Turn(DOCTOR, "失眠多久了？", "question"), Turn(PATIENT, "两周了")]
+    assert first[1].sampling.do_sample is False
+
+
+def test_commands_clear_and_advise():
+    turns = []
+    seen = []
+
+    def respond(ts, advise_now):
+        seen.append((list(ts), advise_now))
+        return Reply("question", "v1", iter(["好"]))
+
+    assert handle_line("/advise", turns, respond) == ("skip", None)  # nothing to advise on yet
+    action, reply = handle_line("  头疼  ", turns, respond)
+    assert action == "reply" and turns == [Turn(PATIENT, "头疼")]
+    turns.append(Turn(DOCTOR, "疼多久了？", "question"))
+    action, _ = handle_line("/advise", turns, respond)
+    # the unanswered question is withdrawn and advice is asked for on what the patient said
+    assert action == "reply" and seen[-1] == ([Turn(PATIENT, "头疼")], True)
+    action, _ = handle_line("/advise 还有点发热", turns, respond)
+    assert seen[-1][1] is True and seen[-1][0][-1] == Turn(PATIENT, "还有点发热")
+    assert handle_line("/clear", turns, respond) == ("clear", None) and turns == []
+    assert handle_line("/quit", turns, respond) == ("quit", None)
+
+
+def test_labels():
+    q = Reply("question", "v1", iter([]))
+    a = Reply("advice", "v2", iter([]))
+    history = [Turn(PATIENT, "a"), Turn(DOCTOR, "b？", "question")]
+    assert label(q, history, 8, "coq") == "问询 2/8 · BianQue-1.0"
+    assert label(a, history, 8, "coq") == "建议 · BianQue-2.0"
+    assert label(q, history, 8, "v1") == "BianQue-1.0"
+
+
+def run_cli(args, stdin, env_extra=None, timeout=240):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", **(env_extra or {})}
+    return subprocess.run([sys.executable, "-m", "bianque", *args], input=stdin, capture_output=True,
+                          text=True, timeout=timeout, env=env, cwd=ROOT)
+
+
+@pytest.fixture(scope="module")
+def tiny_v1(tmp_path_factory):
+    from tests.tiny_t5 import build_tiny_t5
+
+    return build_tiny_t5(tmp_path_factory.mktemp("v1"))
+
+
+def test_cli_v1_json_end_to_end(tiny_v1):
+    proc = run_cli(["chat", "--mode", "v1", "--v1-model", str(tiny_v1), "--json", "--seed", "0",
+                    "--max-new-tokens", "12"], "头疼三天了\n\n还有点恶心\n")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = proc.stdout.splitlines()
+    assert len(lines) == 2
+    for line in lines:
+        obj = json.loads(line)
+        assert set(obj) == {"stage", "model", "text"} and obj["model"] == "v1" and isinstance(obj["text"], str)
+    assert "头疼" not in proc.stderr  # patient text never reaches the logs
+
+
+def test_cli_missing_model_is_a_clear_error(tmp_path):
+    proc = run_cli(["chat", "--mode", "v1", "--v1-model", str(tmp_path / "none"), "--json"], "hi\n")
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert "could not load" in proc.stderr and "BIANQUE_V1_MODEL" in proc.stderr and "Traceback" not in proc.stderr
