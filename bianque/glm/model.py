@@ -127,20 +127,27 @@ def apply_rotary_2d(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> to
 # ----------------------------------------------------------------------------------------------
 
 class KVCache:
-    """Preallocated keys and values for one layer, `[b, nh, max_length, hd]` each (keys after
-    rotary). Preallocating keeps every decode step free of concatenation copies."""
+    """Keys and values of one layer, `[b, nh, capacity, hd]` each (keys after rotary).
 
-    def __init__(self, batch: int, heads: int, max_length: int, head_dim: int, dtype: torch.dtype, device: torch.device):
-        shape = (batch, heads, max_length, head_dim)
+    Space is reserved ahead and doubled when full, so a decode step writes one slot instead of
+    concatenating (copying) the whole cache, and a short chat does not reserve max_length."""
+
+    def __init__(self, batch: int, heads: int, capacity: int, head_dim: int, dtype: torch.dtype, device: torch.device):
+        shape = (batch, heads, max(capacity, 1), head_dim)
         self.keys = torch.zeros(shape, dtype=dtype, device=device)
         self.values = torch.zeros(shape, dtype=dtype, device=device)
         self.length = 0
 
+    def _grow(self, needed: int) -> None:
+        extra = max(needed, 2 * self.keys.shape[2]) - self.keys.shape[2]
+        self.keys = F.pad(self.keys, (0, 0, 0, extra))
+        self.values = F.pad(self.values, (0, 0, 0, extra))
+
     def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Append k, v `[b, nh, n, hd]`; return views over everything cached `[b, nh, length, hd]`."""
+        """Append k, v `[b, nh, n, hd]`; return views of everything cached `[b, nh, length, hd]`."""
         end = self.length + k.shape[2]
         if end > self.keys.shape[2]:
-            raise ValueError(f"KV cache holds {self.keys.shape[2]} positions; {end} requested")
+            self._grow(end)
         self.keys[:, :, self.length:end] = k
         self.values[:, :, self.length:end] = v
         self.length = end
@@ -263,10 +270,11 @@ class GLMForCausalLM(nn.Module):
         logits = self.lm_head(h)
         return GLMOutput(logits, tuple(hidden) if output_hidden_states else None)
 
-    def new_caches(self, batch: int, max_length: int) -> list[KVCache]:
+    def new_caches(self, batch: int, capacity: int) -> list[KVCache]:
+        """One empty KVCache per layer, in the dtype and on the device of the weights."""
         weight = self.transformer.word_embeddings.weight
         c = self.config
-        return [KVCache(batch, c.num_attention_heads, max_length, c.head_dim, weight.dtype, weight.device)
+        return [KVCache(batch, c.num_attention_heads, capacity, c.head_dim, weight.dtype, weight.device)
                 for _ in range(c.num_layers)]
 
     @classmethod
