@@ -1,0 +1,204 @@
+"""Weight-only int8/int4 quantisation (bianque/glm/quant.py): format, kernels, module swap, quality."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from bianque.glm import quant
+from bianque.glm.quant import (QuantLinear, dequantize, pack_int4, quantize_block_, quantize_weight,
+                               unpack_int4)
+
+
+def _dequantized_linear(module: QuantLinear, x: torch.Tensor) -> torch.Tensor:
+    """The plain float32 meaning of a QuantLinear: x · (q·scale)ᵀ + bias."""
+    w = dequantize(module.reference_weight(), module.weight_scale, module.bits, torch.float32)
+    return nn.functional.linear(x.float(), w, None if module.bias is None else module.bias.float())
+
+
+# --- the reference format ---------------------------------------------------------------------
+
+def test_pack_int4_layout_is_high_nibble_first_twos_complement():
+    q = torch.tensor([[1, -2, -1, 7, -8, 0]], dtype=torch.int8)
+    packed = pack_int4(q)
+    assert packed.dtype == torch.int8
+    assert packed.view(torch.uint8).tolist() == [[0x1E, 0xF7, 0x80]]
+
+
+def test_pack_unpack_round_trip_exact_for_every_value():
+    every = torch.arange(-8, 8, dtype=torch.int8)
+    q = torch.cartesian_prod(every, every).reshape(16, 32)           # all 256 nibble pairs
+    assert torch.equal(unpack_int4(pack_int4(q)), q)
+    random_q = torch.randint(-8, 8, (37, 64), dtype=torch.int8)
+    assert torch.equal(unpack_int4(pack_int4(random_q)), random_q)
+    every_byte = torch.arange(-128, 128, dtype=torch.int16).to(torch.int8).reshape(8, 32)
+    assert torch.equal(pack_int4(unpack_int4(every_byte)), every_byte)
+
+
+def test_pack_int4_rejects_odd_width():
+    with pytest.raises(ValueError, match="even number"):
+        pack_int4(torch.zeros(2, 3, dtype=torch.int8))
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantize_weight_is_symmetric_per_row(bits):
+    w = torch.randn(24, 40)
+    w[3] = 0.0                                                        # an all-zero row must not divide by 0
+    q, scale = quantize_weight(w, bits, torch.float32)
+    level = 2 ** (bits - 1) - 1
+    assert q.dtype == torch.int8 and q.abs().max() == level
+    torch.testing.assert_close(scale, w.abs().amax(dim=1) / level)
+    assert scale[3] == 0 and not q[3].any()
+    error = (q.float() * scale.unsqueeze(1) - w).abs()
+    assert bool((error <= scale.unsqueeze(1) / 2 + 1e-6).all())      # round to nearest grid point
+
+
+def test_quantize_weight_rounds_against_the_stored_scale():
+    w = torch.randn(8, 16)
+    q, scale = quantize_weight(w, 8, torch.float16)
+    assert scale.dtype == torch.float16
+    expected = torch.round(w / scale.float().unsqueeze(1)).clamp(-127, 127).to(torch.int8)
+    assert torch.equal(q, expected)
+
+
+def test_quantize_weight_errors():
+    with pytest.raises(ValueError, match="4 or 8"):
+        quantize_weight(torch.randn(4, 4), 3, torch.float32)
+    with pytest.raises(ValueError, match="meta"):
+        quantize_weight(torch.empty(4, 4, device="meta"), 8, torch.float32)
+
+
+# --- the module and its layouts ---------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("rows", [1, 40])     # decode-sized (kernel) and prefill-sized inputs
+def test_quant_linear_matches_its_dequantised_weight(bits, dtype, rows):
+    linear = nn.Linear(256, 192).to(dtype)
+    module = QuantLinear.from_linear(linear, bits)
+    x = torch.randn(rows, 256, dtype=dtype)
+    got = module(x.view(1, rows, 256))
+    assert got.shape == (1, rows, 192) and got.dtype == dtype
+    expected = _dequantized_linear(module, x)
+    # float32: summation order only; bf16: output rounding (8 significant bits) of values ~10.
+    atol = 1e-4 if dtype == torch.float32 else 6e-2
+    torch.testing.assert_close(got[0].float(), expected, atol=atol, rtol=1e-2)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_plain_fallback_equals_kernels(bits, monkeypatch):
+    """The pure-PyTorch path (what a torch build without the kernels runs) gives the same numbers."""
+    linear = nn.Linear(128, 64)
+    with_kernels = QuantLinear.from_linear(linear, bits)
+    monkeypatch.setattr(quant, "choose_layout", lambda *args: "rows")
+    monkeypatch.setattr(quant, "INT8_KERNEL_MAX_ROWS", -1)
+    plain = QuantLinear.from_linear(linear, bits)
+    assert plain.layout == "rows"
+    x = torch.randn(3, 128)
+    assert torch.equal(plain.reference_weight(), with_kernels.reference_weight())
+    torch.testing.assert_close(plain(x), with_kernels(x), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(plain(x), _dequantized_linear(plain, x), atol=1e-4, rtol=1e-4)
+
+
+def test_torch_kernels_pass_their_self_check_on_this_build():
+    if not hasattr(torch.ops.aten, "_weight_int8pack_mm"):
+        pytest.skip("this torch build has no _weight_int8pack_mm")
+    assert quant.kernel_ok("int8", "cpu", torch.float32)
+    assert quant.kernel_ok("int8", "cpu", torch.bfloat16)
+    assert quant.kernel_ok("cpu_int4", "cpu", torch.bfloat16)
+    assert QuantLinear.from_linear(nn.Linear(64, 64), 4).layout == "cpu_int4"
+
+
+@pytest.mark.parametrize("shape", [(64, 32), (96, 96), (192, 256), (128, 512)])
+def test_cpu_tiled_int4_unpacks_exactly(shape):
+    out_features, in_features = shape
+    q = torch.randint(-7, 8, shape, dtype=torch.int8)
+    module = QuantLinear(in_features, out_features, 4, device="meta")
+    module.set_weights_(pack_int4(q), torch.rand(out_features) + 0.1, torch.zeros(out_features))
+    if module.layout == "rows":
+        pytest.skip("this torch build has no CPU int4 kernel")
+    assert module.weight.dtype == torch.uint8           # stored in the kernel's tiled layout
+    assert torch.equal(module.reference_weight(), pack_int4(q))
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_state_dict_uses_reference_names_and_round_trips(bits):
+    module = QuantLinear.from_linear(nn.Linear(64, 32), bits)
+    state = module.state_dict()
+    assert set(state) == {"weight", "weight_scale", "bias"}
+    assert state["weight"].dtype == torch.int8
+    assert tuple(state["weight"].shape) == (32, 32 if bits == 4 else 64)
+    empty = QuantLinear(64, 32, bits, device="meta")
+    empty.load_state_dict(state)
+    x = torch.randn(5, 64)
+    assert torch.equal(empty(x), module(x))
+
+
+def test_load_state_dict_reports_missing_and_wrong_shapes():
+    module = QuantLinear(64, 32, 8, device="meta")
+    with pytest.raises(RuntimeError, match="Missing key.*weight_scale"):
+        module.load_state_dict({"weight": torch.zeros(32, 64, dtype=torch.int8), "bias": torch.zeros(32)})
+    with pytest.raises(RuntimeError, match=r"int8 weight must be int8 \[32, 64\]"):
+        module.load_state_dict({"weight": torch.zeros(32, 32, dtype=torch.int8),
+                                "weight_scale": torch.ones(32), "bias": torch.zeros(32)})
+
+
+def test_constructor_rejects_unsupported_combinations():
+    with pytest.raises(ValueError, match="4 or 8"):
+        QuantLinear(64, 32, 2)
+    with pytest.raises(ValueError, match="even number"):
+        QuantLinear(63, 32, 4)
+
+
+def test_forward_on_the_wrong_device_type_is_a_clear_error():
+    module = QuantLinear.from_linear(nn.Linear(64, 64), 4)
+    if module.layout != "cpu_int4":
+        pytest.skip("this torch build has no CPU int4 kernel")
+    with pytest.raises(RuntimeError, match="packed for cpu"):
+        module(torch.randn(1, 64, device="meta"))
+
+
+# --- the block swap ---------------------------------------------------------------------------
+
+def _nn_block(hidden: int = 64, inner: int = 128) -> nn.Module:
+    """A GLM block's module tree (SPEC §1 names) built from torch.nn only."""
+    block = nn.Module()
+    block.input_layernorm = nn.LayerNorm(hidden)
+    block.attention = nn.Module()
+    block.attention.query_key_value = nn.Linear(hidden, 3 * hidden)
+    block.attention.dense = nn.Linear(hidden, hidden)
+    block.post_attention_layernorm = nn.LayerNorm(hidden)
+    block.mlp = nn.Module()
+    block.mlp.dense_h_to_4h = nn.Linear(hidden, inner)
+    block.mlp.dense_4h_to_h = nn.Linear(inner, hidden)
+    return block
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantize_block_swaps_exactly_the_four_linears(bits):
+    block = _nn_block()
+    qkv = block.attention.query_key_value
+    quantize_block_(block, bits)
+    swapped = {name for name, m in block.named_modules() if isinstance(m, QuantLinear)}
+    assert swapped == set(quant.BLOCK_LINEARS)
+    assert not any(isinstance(m, nn.Linear) for m in block.modules())
+    assert isinstance(block.input_layernorm, nn.LayerNorm)
+    names = set(block.state_dict())
+    assert "attention.query_key_value.weight_scale" in names and "input_layernorm.weight" in names
+    x = torch.randn(2, 64)
+    q, scale = quantize_weight(qkv.weight.detach(), bits, torch.float32)
+    stored = pack_int4(q) if bits == 4 else q
+    expected = nn.functional.linear(x, dequantize(stored, scale, bits), qkv.bias)
+    torch.testing.assert_close(block.attention.query_key_value(x), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_quantize_block_errors():
+    with pytest.raises(ValueError, match="4 or 8"):
+        quantize_block_(_nn_block(), 16)
+    block = quantize_block_(_nn_block(), 8)
+    with pytest.raises(TypeError, match="already quantised"):
+        quantize_block_(block, 8)
+    with torch.device("meta"):
+        meta_block = _nn_block()
+    with pytest.raises(ValueError, match="load the weights first"):
+        quantize_block_(meta_block, 4)
