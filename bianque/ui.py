@@ -1,0 +1,467 @@
+"""The one Streamlit render module the three BianQue apps share; the apps differ by an AppConfig.
+
+Models are loaded once per process through ``st.cache_resource`` and so are shared by every
+browser session; each loaded model therefore comes with its own ``threading.Lock`` (cached with
+it) and replies are generated under it, so two sessions' streams never mix. Each session keeps its
+own :class:`~bianque.session.Consultation` in ``st.session_state``. Patient text is never logged:
+log lines carry only metadata (stage, model, lengths, timings).
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import sys
+import threading
+import time
+import traceback
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Sequence
+
+import streamlit as st
+import torch
+
+from .errors import ModelLoadError
+from .prompt import PATIENT, Turn
+from .sampling import SamplingParams
+from .session import (
+    ADVISE_NOW_TEXT, MODEL_NAMES, Consultation, Message, fit_note, params_dict, reply_label,
+)
+from .settings import Settings, parse_settings
+from .transcript import DISCLAIMER, TranscriptInfo, to_json, to_markdown
+
+log = logging.getLogger(__name__)
+
+EMERGENCY = "请立即拨打120或前往急诊"
+OOM_MESSAGE = "生成回复时内存/显存不足，回复未完成。对话已保留：可以点击「重试」，或在侧栏调小生成长度后再试。"
+FAILED_MESSAGE = "生成回复时出错（{kind}）。对话已保留，可以点击「重试」。"
+AVATARS = {"assistant": "🩺", "user": "🧑"}
+ENV_VARS = {"v1": "BIANQUE_V1_MODEL", "v2": "BIANQUE_V2_MODEL"}
+FLAGS = {"v1": "--v1-model", "v2": "--v2-model"}
+INT_LABELS = {
+    "max_new_tokens": "最多生成 token 数",
+    "max_length": "最大总长度 max_length（对话 + 回复的 token 数）",
+    "no_repeat_ngram_size": "禁止重复的 n-gram 长度（0 关闭）",
+    "max_input_tokens": "最多输入 token 数",
+}
+STATE_KEY = "consultation"
+REQUEST_KEY = "request"
+
+
+@dataclass(frozen=True)
+class AppConfig:
+    """What distinguishes the three apps. ``mode`` is "v1", "v2" or "coq" (both, Chain of Questioning)."""
+
+    mode: str
+    title: str
+    caption: str
+    page_title: str
+    placeholder: str = "请描述您的症状，或回答医生的问题…"
+    icon: str = "🩺"
+
+    @property
+    def kinds(self) -> tuple[str, ...]:
+        return {"v1": ("v1",), "v2": ("v2",), "coq": ("v1", "v2")}[self.mode]
+
+
+@dataclass
+class Served:
+    """A loaded doctor and the lock every session must hold while generating with it."""
+
+    doctor: Any
+    lock: threading.Lock
+
+
+class Serialised:
+    """A per-run view of a shared doctor: replies hold its lock, and use this session's settings."""
+
+    def __init__(self, served: Served, params: Any, on_wait: Callable[[bool], None]):
+        self._served, self._params, self._on_wait = served, params, on_wait
+
+    def __getattr__(self, name: str) -> Any:  # name, source, device, dtype, default_params, fit
+        return getattr(self._served.doctor, name)
+
+    def reply(self, turns: Sequence[Turn], params: Any = None) -> Iterator[str]:
+        lock = self._served.lock
+        if not lock.acquire(blocking=False):
+            # Another session is generating: say so, and keep calling into Streamlit while
+            # waiting so that Stop (a rerun request) can still interrupt this session.
+            while not lock.acquire(timeout=0.25):
+                self._on_wait(True)
+            self._on_wait(False)
+        try:
+            yield from self._served.doctor.reply(turns, self._params if params is None else params)
+        finally:
+            lock.release()
+
+
+@dataclass(frozen=True)
+class Controls:
+    """The sidebar's choices for this run."""
+
+    params: dict[str, Any]
+    max_questions: int
+
+
+# ---------------------------------------------------------------- loading (cached per process)
+
+def _loader(kind: str) -> Callable[..., Any]:
+    """The library loader; imported lazily so a missing backend is a page, not an import error."""
+    if kind == "v1":
+        from .t5 import load_questioner
+
+        return load_questioner
+    from .glm import load_advisor
+
+    return load_advisor
+
+
+@st.cache_resource(show_spinner=False)
+def _serve(kind: str, model: str, device: str, dtype: str | None, quantize: int | None) -> Served:
+    extra = {"quantize": quantize} if kind == "v2" else {}
+    started = time.perf_counter()
+    doctor = _loader(kind)(model, device=device, dtype=dtype, **extra)
+    log.info("loaded %s on %s (%s) in %.1f s", kind, device, doctor.dtype, time.perf_counter() - started)
+    return Served(doctor, threading.Lock())
+
+
+@st.cache_resource(show_spinner=False)
+def _seed_once(seed: int) -> int:
+    torch.manual_seed(seed)  # once per process: regenerating must still give a new reply
+    return seed
+
+
+def _load(config: AppConfig, settings: Settings) -> dict[str, Served]:
+    served = {}
+    for kind in config.kinds:
+        s = getattr(settings, kind)
+        with st.spinner(f"正在加载 {MODEL_NAMES[kind]}（{s.model} → {s.device}）…", show_time=True):
+            try:
+                served[kind] = _serve(kind, s.model, s.device, s.dtype, s.quantize)
+            except ModelLoadError as exc:
+                _load_error_page(kind, str(exc))
+            except ImportError as exc:
+                _unavailable_page(kind, exc)
+    if settings.seed is not None:
+        _seed_once(settings.seed)
+    return served
+
+
+# ---------------------------------------------------------------- error pages (never a traceback)
+
+def _load_error_page(kind: str, message: str) -> None:
+    log.warning("could not load %s", kind)
+    st.error(f"**{MODEL_NAMES[kind]} 加载失败**\n\n{message}", icon="⚠️")
+    st.info(
+        f"指定本地模型目录：设置环境变量 `{ENV_VARS[kind]}=DIR`，或启动时传参 "
+        f"`streamlit run <app>.py -- {FLAGS[kind]} DIR`；也可以先运行 `python -m bianque download` 下载模型。"
+    )
+    st.stop()
+
+
+def _unavailable_page(kind: str, exc: ImportError) -> None:
+    log.warning("backend for %s not importable: %s", kind, type(exc).__name__)
+    st.error(f"**{MODEL_NAMES[kind]} 暂不可用**\n\n此版本缺少 {MODEL_NAMES[kind]} 的后端（{exc}）。", icon="🚧")
+    st.stop()
+
+
+def _settings(argv: Sequence[str] | None) -> Settings:
+    try:
+        return parse_settings(sys.argv[1:] if argv is None else argv)
+    except ValueError as exc:
+        st.error(f"**启动参数有误**\n\n{exc}", icon="⚠️")
+        st.stop()
+
+
+# ---------------------------------------------------------------- sidebar
+
+def _params_widgets(kind: str, defaults: Any) -> Any:
+    """Widgets for a doctor's params dataclass, starting from its defaults (the originals)."""
+    s: SamplingParams = defaults.sampling
+    do_sample = st.toggle("采样（关闭则贪心解码）", value=s.do_sample, key=f"{kind}.do_sample")
+    sampling = SamplingParams(
+        do_sample=do_sample,
+        temperature=st.slider("temperature", 0.05, 2.0, float(s.temperature), 0.05,
+                              key=f"{kind}.temperature", disabled=not do_sample),
+        top_p=st.slider("top_p", 0.05, 1.0, float(s.top_p), 0.05, key=f"{kind}.top_p", disabled=not do_sample),
+        top_k=int(st.number_input("top_k（0 关闭）", 0, 1000, int(s.top_k), key=f"{kind}.top_k",
+                                  disabled=not do_sample)),
+    )
+    extra = {}
+    for f in dataclasses.fields(defaults):
+        value = getattr(defaults, f.name)
+        if f.name != "sampling" and isinstance(value, int) and not isinstance(value, bool):
+            low = 0 if f.name == "no_repeat_ngram_size" else 1
+            extra[f.name] = int(st.number_input(INT_LABELS.get(f.name, f.name), low, max(8192, value), value,
+                                                key=f"{kind}.{f.name}"))
+    return dataclasses.replace(defaults, sampling=sampling, **extra)
+
+
+def _sidebar(config: AppConfig, served: dict[str, Served], settings: Settings) -> Controls:
+    with st.sidebar:
+        st.button("🆕 新的问诊", on_click=_new_consultation, use_container_width=True, key="new")
+        max_questions = settings.max_questions
+        if config.mode == "coq":
+            max_questions = int(st.number_input("最多问询次数（之后由 BianQue-2.0 给建议）", 0, 20,
+                                                settings.max_questions, key="max_questions"))
+        params = {}
+        for kind, item in served.items():
+            with st.expander(f"{MODEL_NAMES[kind]} 生成设置"):
+                params[kind] = _params_widgets(kind, item.doctor.default_params)
+        st.markdown("**已加载模型**")
+        for kind, item in served.items():
+            d = item.doctor
+            st.caption(f"{MODEL_NAMES[kind]}：`{d.source}` · {d.device} · {d.dtype}")
+    return Controls(params, max_questions)
+
+
+def _downloads(config: AppConfig, served: dict[str, Served], consultation: Consultation, controls: Controls) -> None:
+    info = transcript_info(config, served, controls.max_questions)
+    with st.sidebar:
+        st.markdown("**下载问诊记录**")
+        left, right = st.columns(2)
+        left.download_button("Markdown", to_markdown(consultation, info), "bianque-transcript.md",
+                             "text/markdown", key="download_md", on_click="ignore", icon="📄")
+        right.download_button("JSON", to_json(consultation, info), "bianque-transcript.json",
+                              "application/json", key="download_json", on_click="ignore", icon="🧾")
+
+
+def transcript_info(config: AppConfig, served: dict[str, Served], max_questions: int) -> TranscriptInfo:
+    models = {
+        kind: {"name": MODEL_NAMES[kind], "source": str(s.doctor.source), "device": str(s.doctor.device),
+               "dtype": str(s.doctor.dtype)}
+        for kind, s in served.items()
+    }
+    return TranscriptInfo(config.title, greeting(), models, max_questions if config.mode == "coq" else None)
+
+
+# ---------------------------------------------------------------- the chat
+
+def greeting() -> str:
+    from .router import GREETING
+
+    return GREETING
+
+
+def _consultation() -> Consultation:
+    if STATE_KEY not in st.session_state:
+        st.session_state[STATE_KEY] = Consultation()
+    consultation = st.session_state[STATE_KEY]
+    if consultation.pending is not None:  # the last run was interrupted before it could finish
+        consultation.finish_reply(stopped=True)
+    return consultation
+
+
+def _new_consultation() -> None:
+    st.session_state[STATE_KEY] = Consultation()
+    st.session_state.pop(REQUEST_KEY, None)
+
+
+def _request(kind: str) -> None:
+    st.session_state[REQUEST_KEY] = kind
+
+
+def red_flag_notice(text: str) -> str | None:
+    """The emergency notice for a patient message, decided by rules alone (never by the models)."""
+    from .safety import red_flags
+
+    flags = red_flags(text)
+    if not flags:
+        return None
+    reasons = "\n".join(f"- {flag.message}" for flag in flags)
+    return f"**{EMERGENCY}**\n\n{reasons}"
+
+
+def _render_message(message: Message) -> None:
+    if message.role == PATIENT:
+        with st.chat_message("user", avatar=AVATARS["user"]):
+            st.markdown(message.text)
+        notice = red_flag_notice(message.text)
+        if notice:
+            st.error(notice, icon="🚨")
+        return
+    with st.chat_message("assistant", avatar=AVATARS["assistant"]):
+        st.caption(message.label or "")
+        st.markdown(message.text or "…")
+        _reply_footer(message)
+
+
+def _reply_footer(message: Message) -> None:
+    if message.stopped:
+        st.caption("⏹ 已停止：以上是停止前生成的部分回复")
+    if message.note:
+        st.caption(f"ℹ️ {message.note}")
+
+
+def _render_history(consultation: Consultation) -> None:
+    with st.chat_message("assistant", avatar=AVATARS["assistant"]):
+        st.markdown(greeting())
+    for message in consultation.messages:
+        _render_message(message)
+
+
+def _take_request(prompt: str | None, consultation: Consultation) -> bool | None:
+    """Apply this run's request to the dialogue; returns advise_now for a reply to make, else None."""
+    request = st.session_state.pop(REQUEST_KEY, None)
+    if prompt is not None:
+        if not prompt.strip():
+            st.toast("消息为空，未发送。", icon="✏️")
+            return None
+        consultation.add_patient(prompt)
+        return False
+    if request == "regenerate":
+        consultation.drop_last_reply()
+        return False if consultation.awaiting_reply else None
+    if request == "advise" and consultation.messages:
+        if not consultation.awaiting_reply:
+            consultation.add_patient(ADVISE_NOW_TEXT)
+        return True
+    if request == "retry" and consultation.awaiting_reply:
+        return False
+    return None
+
+
+def _controls(config: AppConfig, consultation: Consultation) -> None:
+    if consultation.error:
+        st.error(consultation.error, icon="⚠️")
+    st.caption(DISCLAIMER)
+    if not consultation.messages:
+        return
+    buttons = st.columns([1, 1, 3])
+    if consultation.awaiting_reply:
+        buttons[0].button("🔁 重试", on_click=_request, args=("retry",), key="retry")
+    else:
+        buttons[0].button("🔄 重新生成", on_click=_request, args=("regenerate",), key="regenerate")
+    if config.mode == "coq":
+        buttons[1].button("💡 直接给建议", on_click=_request, args=("advise",), key="advise",
+                          help="不再追问，由 BianQue-2.0 根据目前的对话给出建议")
+
+
+# ---------------------------------------------------------------- one reply
+
+@dataclass
+class _Timing:
+    started: float
+    first_chunk: float | None = None
+
+
+def _tee(chunks: Iterator[str], message: Message, timing: _Timing) -> Iterator[str]:
+    """Keep the partial reply in session state as it streams, so an interrupted run still has it."""
+    for chunk in chunks:
+        if timing.first_chunk is None:
+            timing.first_chunk = time.perf_counter()
+        message.text += chunk
+        yield chunk
+
+
+def _start(config: AppConfig, doctors: dict[str, Serialised], consultation: Consultation,
+           controls: Controls, advise_now: bool) -> tuple[str, str | None, Iterator[str]]:
+    """Which model answers, at which stage, and its stream (the router decides in the combined app)."""
+    turns = consultation.turns()
+    if config.mode != "coq":
+        kind = config.kinds[0]
+        return kind, None, doctors[kind].reply(turns)
+    from .router import ChainOfQuestioning
+
+    router = ChainOfQuestioning(doctors["v1"], doctors["v2"], max_questions=controls.max_questions)
+    reply = router.respond(turns, advise_now=advise_now)
+    return reply.model, reply.stage, iter(reply.chunks)
+
+
+def _answer(config: AppConfig, served: dict[str, Served], consultation: Consultation,
+            controls: Controls, advise_now: bool) -> None:
+    timing = _Timing(time.perf_counter())
+    with st.chat_message("assistant", avatar=AVATARS["assistant"]):
+        label, waiting = st.empty(), st.empty()
+        label.caption("思考中…")
+
+        def on_wait(queued: bool) -> None:
+            if queued:
+                waiting.info("排队中：模型正在为其他用户生成回复，请稍候…", icon="⏳")
+            else:
+                waiting.empty()
+
+        doctors = {k: Serialised(s, controls.params[k], on_wait) for k, s in served.items()}
+        message = consultation.start_reply()
+        stop = st.empty()
+        stop.button("⏹ 停止生成", key="stop")  # a click reruns the script, which interrupts this one
+        chunks: Iterator[str] = iter(())
+        completed = False
+        try:
+            kind, stage, chunks = _start(config, doctors, consultation, controls, advise_now)
+            _describe(message, kind, stage, consultation, controls, served[kind].doctor)
+            label.caption(message.label)
+            st.write_stream(_tee(chunks, message, timing))
+            completed = True
+        except torch.OutOfMemoryError:
+            _free_memory()
+            consultation.fail_reply(OOM_MESSAGE)
+        except Exception as exc:  # noqa: BLE001 - any model failure is a message, not a traceback
+            log.error("reply failed: %s", type(exc).__name__)  # the exception text may quote the patient
+            consultation.fail_reply(FAILED_MESSAGE.format(kind=type(exc).__name__))
+        finally:
+            getattr(chunks, "close", lambda: None)()  # release the model lock even when interrupted
+            if consultation.pending is not None:
+                consultation.finish_reply(stopped=not completed)
+            _log_reply(message, timing, completed)
+    stop.empty()
+
+
+def _describe(message: Message, kind: str, stage: str | None, consultation: Consultation,
+              controls: Controls, doctor: Any) -> None:
+    params = controls.params[kind]
+    message.model, message.stage, message.params = kind, stage, params_dict(params)
+    message.label = reply_label(kind, stage, consultation.questions_asked() + 1, controls.max_questions)
+    message.note = fit_note(doctor.fit(consultation.turns(), params))
+
+
+def _free_memory() -> None:
+    log.error("reply failed: out of memory")
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _log_reply(message: Message, timing: _Timing, completed: bool) -> None:
+    first = (timing.first_chunk - timing.started) * 1000 if timing.first_chunk else -1.0
+    log.info("reply model=%s stage=%s chars=%d first_chunk_ms=%.0f total_ms=%.0f completed=%s",
+             message.model, message.stage, len(message.text), first,
+             (time.perf_counter() - timing.started) * 1000, completed)
+
+
+# ---------------------------------------------------------------- the page
+
+def configure_logging() -> None:
+    """Metadata logs to stderr for the operator (once per process; never patient text)."""
+    logger = logging.getLogger("bianque")
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+
+
+def run_app(config: AppConfig, argv: Sequence[str] | None = None) -> None:
+    """Render one run of an app; an unexpected failure is a page with a message, never a traceback."""
+    st.set_page_config(page_title=config.page_title, page_icon=config.icon, layout="centered")
+    try:
+        _run(config, argv)
+    except Exception as exc:  # noqa: BLE001 - Streamlit's rerun/stop are BaseExceptions and pass through
+        # The traceback's frames only: an exception's message may quote the patient.
+        log.error("app run failed: %s\n%s", type(exc).__name__, "".join(traceback.format_tb(exc.__traceback__)))
+        st.error(f"**出错了**（{type(exc).__name__}）。本会话的对话仍然保留，可以稍后重试。", icon="⚠️")
+
+
+def _run(config: AppConfig, argv: Sequence[str] | None) -> None:
+    settings = _settings(argv)
+    served = _load(config, settings)
+    consultation = _consultation()
+    controls = _sidebar(config, served, settings)
+    st.title(config.title)
+    st.caption(config.caption)
+    prompt = st.chat_input(config.placeholder, key="prompt")
+    advise_now = _take_request(prompt, consultation)
+    _render_history(consultation)
+    if advise_now is not None:
+        _answer(config, served, consultation, controls, advise_now)
+        st.rerun()  # redraw controls and downloads for the finished dialogue
+    _controls(config, consultation)
+    _downloads(config, served, consultation, controls)
