@@ -124,7 +124,8 @@ def _load_module(module: torch.nn.Module, prefix: str, index: TensorIndex, dtype
     for name in module.state_dict(keep_vars=True):
         full = prefix + name
         source = full if full in index.shapes else HEAD  # embedding saved only as the head
-        state[name] = index.read(source).to(device=device, dtype=dtype)
+        tensor = index.read(source)  # int8 quantised weights keep their dtype
+        state[name] = tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else tensor.dtype)
     module.load_state_dict(state, strict=True, assign=True)
 
 
@@ -143,15 +144,22 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
     bits = quantize or config.quantization_bit or None
     if bits not in (None, 4, 8):
         raise ModelLoadError(f"quantize must be 4 or 8, not {bits}")
+    stored_bits = config.quantization_bit or None  # a checkpoint written already quantised
+    if stored_bits and bits != stored_bits:
+        raise ModelLoadError(f"{directory} is stored as int{stored_bits}; it cannot be loaded as int{bits}")
     with torch.device("meta"):
         model = GLMForCausalLM(config)
+    if stored_bits:
+        from .quant import empty_quantized_block_  # engineer F's module
+        for block in model.transformer.layers:
+            empty_quantized_block_(block, stored_bits, dtype)
     index = index_checkpoint(directory)
     check_names(index, expected_shapes(model))
     _load_module(model.transformer.word_embeddings, "transformer.word_embeddings.", index, dtype, device)
     _load_module(model.transformer.final_layernorm, "transformer.final_layernorm.", index, dtype, device)
     for i, block in enumerate(model.transformer.layers):
         _load_module(block, f"transformer.layers.{i}.", index, dtype, device)
-        if bits:
+        if bits and not stored_bits:
             from .quant import quantize_block_  # engineer F's module; only needed when quantising
             quantize_block_(block, bits)
     model.lm_head.weight = model.transformer.word_embeddings.weight  # re-tie after assign=True
