@@ -1,0 +1,138 @@
+"""BianQue-2.0 as a doctor: `reply(turns)` streams the advice for a dialogue (the router's advisor).
+
+Like the original app, the whole dialogue is built into ONE query with the project's prompt
+builder (`病人：…\\n医生：…\\n病人：…\\n医生：`) and sent with `history=None`; the dialogue is first
+fitted into `max_length` leaving room for the answer, dropping the oldest turns.
+"""
+from __future__ import annotations
+
+import logging
+import re
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field, replace
+
+import torch
+
+from ..errors import ModelLoadError
+from ..hub import resolve_checkpoint
+from ..prompt import Fit, Turn, build_prompt, fit_dialogue, validate_dialogue
+from ..sampling import SamplingParams
+from ..settings import dtype_name, torch_dtype
+from .chat import stream_pieces, stream_raw
+from .model import GLMForCausalLM
+from .tokenizer import GLMTokenizer
+
+log = logging.getLogger(__name__)
+
+V2_REPO = "scutcyr/BianQue-2"
+# Literals the tokenizer would turn into control ids if a patient typed them (or that look like
+# control tokens to a reader: [gMASK] is plain text to the reference tokenizer but not to every
+# tool). Their brackets are swapped for the full-width look-alikes ＜＞［］ in patient and doctor
+# text: the special-token split no longer matches, and the tokenizer's NFKC folding maps them back
+# to ASCII brackets, so the model still reads the characters the patient typed, as plain text.
+CONTROL_LITERALS = ("<sop>", "<eop>", "[MASK]", "[gMASK]", "<pad>", "<unk>")
+_CONTROL = re.compile("|".join(re.escape(t) for t in CONTROL_LITERALS))
+_LOOK_ALIKE = str.maketrans({"<": "＜", ">": "＞", "[": "［", "]": "］"})
+
+
+def neutralise_control_tokens(text: str) -> str:
+    """`<sop>` -> `＜sop＞`, `[gMASK]` -> `［gMASK］`, ... (see CONTROL_LITERALS); other text unchanged."""
+    return _CONTROL.sub(lambda m: m.group(0).translate(_LOOK_ALIKE), text)
+
+
+@dataclass(frozen=True)
+class V2Params:
+    """Generation settings; the defaults are the original app's `model.chat` call (top-k 50 is
+    transformers' default that BianQue never overrode). `max_length` counts prompt + answer; the
+    prompt keeps at most `max_length - min(min_answer_tokens, max_length // 2)` tokens. `seed`
+    makes sampling reproducible (a fresh generator per reply)."""
+
+    sampling: SamplingParams = field(default_factory=lambda: SamplingParams(True, 0.95, 0.7, 50))
+    max_length: int = 2048
+    min_answer_tokens: int = 256
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_length < 4:
+            raise ValueError(f"max_length must be at least 4 tokens, got {self.max_length}")
+        if self.min_answer_tokens < 1:
+            raise ValueError(f"min_answer_tokens must be positive, got {self.min_answer_tokens}")
+
+    @property
+    def prompt_budget(self) -> int:
+        return self.max_length - min(self.min_answer_tokens, self.max_length // 2)
+
+
+class GLMAdvisor:
+    """The BianQue-2.0 doctor: `reply(turns)` streams text pieces of the next doctor turn."""
+
+    name = "BianQue-2.0"
+
+    def __init__(self, model: GLMForCausalLM, tokenizer: GLMTokenizer, source: str,
+                 default_params: V2Params | None = None) -> None:
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.source = source
+        self.default_params = default_params or V2Params()
+        weight = model.transformer.word_embeddings.weight
+        self.device, self.dtype = str(weight.device), dtype_name(weight.dtype)
+
+    def fit(self, turns: Sequence[Turn], params: V2Params | None = None) -> Fit:
+        """The (neutralised) dialogue `reply` sends: oldest turns dropped to fit the prompt budget."""
+        params = params or self.default_params
+        validate_dialogue(turns)
+        safe = [replace(t, text=neutralise_control_tokens(t.text)) for t in turns]
+        count = lambda prompt: len(self.tokenizer.encode(prompt))  # noqa: E731
+        return fit_dialogue(safe, params.prompt_budget, count)
+
+    def prompt(self, turns: Sequence[Turn], params: V2Params | None = None) -> str:
+        """Exactly the query passed to chat (history=None)."""
+        return build_prompt(self.fit(turns, params).turns)
+
+    def reply(self, turns: Sequence[Turn], params: V2Params | None = None) -> Iterator[str]:
+        """Validate and fit now (errors surface at the call), then stream the reply's text pieces."""
+        params = params or self.default_params
+        query = self.prompt(turns, params)
+        generator = None
+        if params.seed is not None and params.sampling.do_sample:
+            generator = torch.Generator(device=self.device).manual_seed(params.seed)
+        return self._stream(query, params, generator)
+
+    def _stream(self, query: str, params: V2Params, generator: torch.Generator | None) -> Iterator[str]:
+        start, steps = time.perf_counter(), 0
+
+        def counted(raw_texts: Iterator[str]) -> Iterator[str]:
+            nonlocal steps
+            for text in raw_texts:
+                steps += 1
+                yield text
+
+        raw = stream_raw(self.model, self.tokenizer, query, params.max_length, params.sampling, generator=generator)
+        yield from stream_pieces(counted(raw))
+        log.info("v2 reply: %d new tokens, %.2fs on %s", steps, time.perf_counter() - start, self.device)
+
+
+def load_advisor(model: str = V2_REPO, device: str = "cpu", dtype: str | torch.dtype | None = None,
+                 quantize: int | None = None) -> GLMAdvisor:
+    """BianQue-2.0 from a hub id or a local directory, on `device` in `dtype`
+    (None: bfloat16 on CPU, float16 on CUDA), optionally with int8/int4 weights."""
+    path = resolve_checkpoint(model, "BIANQUE_V2_MODEL")
+    if not isinstance(dtype, torch.dtype):
+        dtype = torch_dtype(dtype, device, "v2")
+    tokenizer = GLMTokenizer.from_pretrained(path)
+    try:
+        net = GLMForCausalLM.from_pretrained(path, device=device, dtype=dtype, quantize=quantize)
+    except (torch.OutOfMemoryError, MemoryError) as exc:
+        raise ModelLoadError(f"out of memory loading BianQue-2.0 on {device} in {dtype_name(dtype)}; "
+                             "use --v2-dtype bfloat16/float16, --quantize 8 or 4, or another --v2-device") from exc
+    except RuntimeError as exc:
+        if isinstance(exc, ModelLoadError):
+            raise
+        raise ModelLoadError(f"could not load BianQue-2.0 on {device}: {str(exc).splitlines()[0]}; "
+                             "pick another --v2-device or --v2-dtype") from exc
+    if len(tokenizer) > net.config.vocab_size:
+        raise ModelLoadError(f"{path}: ice_text.model has {len(tokenizer)} pieces but the model only "
+                             f"{net.config.vocab_size} embeddings; the tokenizer belongs to another checkpoint")
+    log.info("loaded BianQue-2.0 from %s on %s (%s)", path, device, dtype_name(dtype))
+    return GLMAdvisor(net, tokenizer, source=model)
