@@ -85,6 +85,7 @@ class Serialised:
         if not lock.acquire(blocking=False):
             # Another session is generating: say so, and keep calling into Streamlit while
             # waiting so that Stop (a rerun request) can still interrupt this session.
+            self._on_wait(True)
             while not lock.acquire(timeout=0.25):
                 self._on_wait(True)
             self._on_wait(False)

@@ -1,0 +1,328 @@
+"""The three app scripts run headless with AppTest against tiny local models (built here, pointed to
+by BIANQUE_* variables or CLI arguments). Each test checks what was rendered AND what the app passed
+to the real loaders and doctors (recorded by a thin wrapper around them)."""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from streamlit.testing.v1 import AppTest
+
+from bianque.prompt import PATIENT, Turn
+from bianque.router import GREETING
+from bianque.session import ADVISE_NOW_TEXT, Consultation
+from bianque.transcript import DISCLAIMER
+
+ROOT = Path(__file__).resolve().parents[1]
+V1_APP, V2_APP, COQ_APP = "bianque_v1_app.py", "bianque_v2_app.py", "bianque_v1_v2_app.py"
+TIMEOUT = 60
+
+
+def _have_v2_backend() -> bool:
+    try:
+        from bianque.glm import load_advisor  # noqa: F401
+        from tiny_glm import build_tiny_glm  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+needs_v2 = pytest.mark.skipif(not _have_v2_backend(), reason="the BianQue-2 backend (bianque.glm.load_advisor) is not importable")
+
+
+class Recorder:
+    """A loaded doctor, unchanged, that remembers how it was loaded and every reply() call."""
+
+    def __init__(self, doctor, load_args, load_kwargs):
+        self.doctor, self.load_args, self.load_kwargs = doctor, load_args, load_kwargs
+        self.calls: list[tuple[tuple[Turn, ...], object]] = []
+        self.fail: BaseException | None = None
+
+    def __getattr__(self, name):
+        return getattr(self.doctor, name)
+
+    def reply(self, turns, params=None):
+        self.calls.append((tuple(turns), params))
+        if self.fail is not None:
+            raise self.fail
+        return self.doctor.reply(turns, params)
+
+
+@pytest.fixture(scope="module")
+def v1_dir(tmp_path_factory) -> Path:
+    from tiny_t5 import build_tiny_t5
+
+    return build_tiny_t5(tmp_path_factory.mktemp("tiny_v1"))
+
+
+@pytest.fixture(scope="module")
+def v2_dir(tmp_path_factory) -> Path:
+    if not _have_v2_backend():
+        pytest.skip("the BianQue-2 backend (bianque.glm.load_advisor) is not importable")
+    from tiny_glm import build_tiny_glm
+
+    return build_tiny_glm(tmp_path_factory.mktemp("tiny_v2"))
+
+
+@pytest.fixture
+def backend(monkeypatch) -> dict[str, Recorder]:
+    """Wrap the library loaders the apps use; models are loaded afresh for each test."""
+    from bianque import ui
+
+    real = ui._loader
+    loaded: dict[str, Recorder] = {}
+
+    def loader(kind):
+        def load(*args, **kwargs):
+            loaded[kind] = Recorder(real(kind)(*args, **kwargs), args, kwargs)
+            return loaded[kind]
+        return load
+
+    ui._serve.clear()
+    monkeypatch.setattr(ui, "_loader", loader)
+    for name in [k for k in os.environ if k.startswith("BIANQUE_")]:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("BIANQUE_DEVICE", "cpu")
+    monkeypatch.setattr(sys, "argv", ["app.py"])  # not pytest's own arguments
+    yield loaded
+    ui._serve.clear()
+
+
+def start(script: str, monkeypatch, argv: tuple[str, ...] = (), **env: str) -> AppTest:
+    monkeypatch.setattr(sys, "argv", [script, *argv])
+    for name, value in env.items():
+        monkeypatch.setenv(name, str(value))
+    at = AppTest.from_file(str(ROOT / script), default_timeout=TIMEOUT)
+    at.run()
+    assert not at.exception, at.exception
+    return at
+
+
+def quick(at: AppTest, kind: str, tokens: int = 12) -> None:
+    """Greedy and short: tiny random models would otherwise ramble for hundreds of tokens."""
+    at.toggle(key=f"{kind}.do_sample").set_value(False)
+    key = "v1.max_new_tokens" if kind == "v1" else "v2.max_length"
+    at.number_input(key=key).set_value(tokens if kind == "v1" else 96)
+
+
+def send(at: AppTest, text: str) -> AppTest:
+    at.chat_input(key="prompt").set_value(text).run()
+    assert not at.exception, at.exception
+    return at
+
+
+def bubbles(at: AppTest) -> list[tuple[str, list[str], list[str]]]:
+    """(avatar name, captions, markdown) of every chat bubble, top to bottom."""
+    return [(cm.name, [c.value for c in cm.caption], [m.value for m in cm.markdown]) for cm in at.chat_message]
+
+
+def consultation(at: AppTest) -> Consultation:
+    return at.session_state["consultation"]
+
+
+# ---------------------------------------------------------------- BianQue-1.0 app
+
+def test_v1_app_greets_answers_the_first_message_and_labels_it(backend, v1_dir, monkeypatch):
+    at = start(V1_APP, monkeypatch, BIANQUE_V1_MODEL=v1_dir)
+    assert bubbles(at) == [("assistant", [], [GREETING])]
+    assert DISCLAIMER in [c.value for c in at.caption]
+    assert backend["v1"].load_args == (str(v1_dir),)
+    assert backend["v1"].load_kwargs == {"device": "cpu", "dtype": None}
+    assert backend["v1"].calls == []  # the greeting is never sent to a model
+    quick(at, "v1")
+    send(at, "我头疼三天了")
+
+    (turns, params), = backend["v1"].calls
+    assert turns == (Turn(PATIENT, "我头疼三天了"),)
+    assert params.max_new_tokens == 12 and not params.sampling.do_sample
+    assert params.sampling.temperature == 0.7 and params.sampling.top_p == 1.0  # the original defaults
+    reply = consultation(at).messages[-1]
+    assert reply.model == "v1" and reply.text and reply.label == "BianQue-1.0"
+    assert bubbles(at)[1:] == [("user", [], ["我头疼三天了"]), ("assistant", ["BianQue-1.0"], [reply.text])]
+    assert [b.label for b in at.button if b.key == "regenerate"] == ["🔄 重新生成"]
+    assert not [b for b in at.button if b.key == "advise"]  # advice-now is the combined app's
+
+
+def test_v1_app_regenerates_and_starts_a_new_consultation(backend, v1_dir, monkeypatch):
+    at = start(V1_APP, monkeypatch, BIANQUE_V1_MODEL=v1_dir)
+    quick(at, "v1")
+    send(at, "咳嗽一周了")
+    at.number_input(key="v1.max_new_tokens").set_value(5)
+    at.button(key="regenerate").click().run()
+    assert [call[0] for call in backend["v1"].calls] == [(Turn(PATIENT, "咳嗽一周了"),)] * 2
+    assert backend["v1"].calls[1][1].max_new_tokens == 5
+    assert [m.role for m in consultation(at).messages] == ["patient", "doctor"]
+
+    at.button(key="new").click().run()
+    assert consultation(at).messages == [] and bubbles(at) == [("assistant", [], [GREETING])]
+    send(at, "失眠")
+    assert backend["v1"].calls[-1][0] == (Turn(PATIENT, "失眠"),)  # nothing from before
+
+
+def test_v1_app_sends_the_whole_dialogue_and_ignores_empty_messages(backend, v1_dir, monkeypatch):
+    at = start(V1_APP, monkeypatch, BIANQUE_V1_MODEL=v1_dir)
+    quick(at, "v1")
+    send(at, "   \n ")
+    assert backend["v1"].calls == [] and consultation(at).messages == []
+    send(at, "头晕")
+    send(at, "两天了")
+    turns = backend["v1"].calls[-1][0]
+    first_reply = consultation(at).messages[1].text
+    assert [t.text for t in turns] == ["头晕", first_reply, "两天了"]
+    assert [t.role for t in turns] == ["patient", "doctor", "patient"]
+
+
+def test_v1_app_keeps_an_over_long_message_and_notes_the_fit(backend, v1_dir, monkeypatch):
+    at = start(V1_APP, monkeypatch, BIANQUE_V1_MODEL=v1_dir)
+    quick(at, "v1")
+    at.number_input(key="v1.max_input_tokens").set_value(24)
+    long_text = "我最近经常头疼，晚上失眠，" * 40
+    send(at, long_text)
+    assert backend["v1"].calls[-1][0] == (Turn(PATIENT, long_text),)  # kept whole; the doctor fits it
+    reply = consultation(at).messages[-1]
+    assert reply.note.startswith("对话超出模型长度：最新消息过长，只保留了结尾部分（截去开头 ")
+    assert f"ℹ️ {reply.note}" in bubbles(at)[-1][1]
+    assert consultation(at).messages[0].text == long_text
+
+
+def test_v1_app_takes_cli_arguments(backend, v1_dir, monkeypatch):
+    at = start(V1_APP, monkeypatch, argv=("--v1-model", str(v1_dir), "--device", "cpu", "--dtype", "float32"))
+    assert backend["v1"].load_args == (str(v1_dir),)
+    assert backend["v1"].load_kwargs == {"device": "cpu", "dtype": "float32"}
+    assert f"BianQue-1.0：`{v1_dir}` · cpu · float32" in [c.value for c in at.sidebar.caption]
+
+
+def test_v1_app_missing_model_is_an_error_page_not_a_traceback(backend, tmp_path, monkeypatch):
+    at = start(V1_APP, monkeypatch, BIANQUE_V1_MODEL=tmp_path / "no-such-model")
+    message = at.error[0].value
+    assert "BianQue-1.0 加载失败" in message and "could not load" in message
+    assert "BIANQUE_V1_MODEL" in message and "python -m bianque download" in message
+    assert "--v1-model DIR" in at.info[0].value
+    assert not at.chat_input and not at.exception
+
+
+def test_bad_arguments_are_an_error_page(backend, v1_dir, monkeypatch):
+    at = start(V1_APP, monkeypatch, argv=("--dtype", "float8"), BIANQUE_V1_MODEL=v1_dir)
+    assert "启动参数有误" in at.error[0].value and "float8" in at.error[0].value
+    assert not at.chat_input
+
+
+def test_out_of_memory_keeps_the_dialogue_and_retry_answers_it(backend, v1_dir, monkeypatch):
+    at = start(V1_APP, monkeypatch, BIANQUE_V1_MODEL=v1_dir)
+    quick(at, "v1")
+    backend["v1"].fail = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    send(at, "肚子疼")
+    assert any("内存/显存不足" in e.value for e in at.error)
+    assert [m.text for m in consultation(at).messages] == ["肚子疼"] and consultation(at).pending is None
+    assert bubbles(at)[-1] == ("user", [], ["肚子疼"])
+
+    backend["v1"].fail = None
+    at.button(key="retry").click().run()
+    assert [m.role for m in consultation(at).messages] == ["patient", "doctor"]
+    assert not any("内存/显存不足" in e.value for e in at.error)
+    assert [c[0] for c in backend["v1"].calls] == [(Turn(PATIENT, "肚子疼"),)] * 2
+
+
+def test_a_reply_interrupted_by_stop_is_kept_and_marked(backend, v1_dir, monkeypatch):
+    at = start(V1_APP, monkeypatch, BIANQUE_V1_MODEL=v1_dir)
+    c = Consultation()  # the state a Stop click leaves: the run died while the reply streamed
+    c.add_patient("发烧")
+    c.start_reply(model="v1", label="BianQue-1.0").text = "体温多"
+    at.session_state["consultation"] = c
+    at.run()
+    assert c.pending is None and c.messages[-1].stopped and c.messages[-1].text == "体温多"
+    assert bubbles(at)[-1] == ("assistant", ["BianQue-1.0", "⏹ 已停止：以上是停止前生成的部分回复"], ["体温多"])
+    assert backend["v1"].calls == []
+
+
+def test_red_flags_get_an_emergency_notice_whatever_the_model_says(backend, v1_dir, monkeypatch):
+    pytest.importorskip("bianque.safety", reason="the red-flag rules (bianque.safety) are not importable")
+    at = start(V1_APP, monkeypatch, BIANQUE_V1_MODEL=v1_dir)
+    quick(at, "v1")
+    send(at, "我头疼")
+    assert not at.error
+    send(at, "突然胸痛，满头大汗，喘不上气")
+    notices = [e.value for e in at.error]
+    assert len(notices) == 1 and notices[0].startswith("**请立即拨打120或前往急诊**")
+
+
+def test_v1_sidebar_shows_the_original_defaults(backend, v1_dir, monkeypatch):
+    at = start(V1_APP, monkeypatch, BIANQUE_V1_MODEL=v1_dir)
+    assert at.slider(key="v1.temperature").value == 0.7 and at.slider(key="v1.top_p").value == 1.0
+    assert at.toggle(key="v1.do_sample").value is True and at.number_input(key="v1.top_k").value == 50
+    assert at.number_input(key="v1.max_new_tokens").value == 512
+
+
+# ---------------------------------------------------------------- BianQue-2.0 app
+
+def test_v2_app_without_its_backend_says_so(backend, monkeypatch):
+    from bianque import ui
+
+    def unavailable(kind):
+        raise ModuleNotFoundError("No module named 'bianque.glm.chat'")
+
+    monkeypatch.setattr(ui, "_loader", unavailable)
+    at = start(V2_APP, monkeypatch)
+    assert "BianQue-2.0 暂不可用" in at.error[0].value and not at.chat_input
+
+
+@needs_v2
+def test_v2_app_answers_with_its_defaults_and_label(backend, v2_dir, monkeypatch):
+    at = start(V2_APP, monkeypatch, BIANQUE_V2_MODEL=v2_dir)
+    assert at.slider(key="v2.temperature").value == 0.95 and at.slider(key="v2.top_p").value == 0.7
+    assert at.number_input(key="v2.max_length").value == 2048
+    assert backend["v2"].load_kwargs == {"device": "cpu", "dtype": None, "quantize": None}
+    quick(at, "v2")
+    send(at, "最近总是失眠怎么办")
+    (turns, params), = backend["v2"].calls
+    assert turns == (Turn(PATIENT, "最近总是失眠怎么办"),) and params.max_length == 96
+    reply = consultation(at).messages[-1]
+    assert reply.model == "v2" and reply.label == "BianQue-2.0"
+    assert bubbles(at)[-1] == ("assistant", ["BianQue-2.0"], [reply.text or "…"])
+
+
+@needs_v2
+def test_v2_app_missing_model_names_its_variable(backend, tmp_path, monkeypatch):
+    at = start(V2_APP, monkeypatch, BIANQUE_V2_MODEL=tmp_path / "missing")
+    assert "BIANQUE_V2_MODEL" in at.error[0].value and "--v2-model DIR" in at.info[0].value
+
+
+# ---------------------------------------------------------------- Chain of Questioning app
+
+@needs_v2
+def test_coq_app_labels_stages_and_advises_now(backend, v1_dir, v2_dir, monkeypatch):
+    at = start(COQ_APP, monkeypatch, BIANQUE_V1_MODEL=v1_dir, BIANQUE_V2_MODEL=v2_dir)
+    assert bubbles(at) == [("assistant", [], [GREETING])]
+    assert at.number_input(key="max_questions").value == 8
+    quick(at, "v1")
+    quick(at, "v2")
+    send(at, "我头疼三天了")
+    first = consultation(at).messages[-1]
+    assert backend["v1"].calls[0][0] == (Turn(PATIENT, "我头疼三天了"),)  # v1 is always asked first
+    expected = {"question": "问询 1/8 · BianQue-1.0", "advice": "建议 · BianQue-2.0"}[first.stage]
+    assert first.label == expected and bubbles(at)[-1][1][0] == expected
+
+    at.button(key="advise").click().run()
+    assert not at.exception
+    messages = consultation(at).messages
+    advice = messages[-1]
+    assert (advice.stage, advice.model, advice.label) == ("advice", "v2", "建议 · BianQue-2.0")
+    assert bubbles(at)[-1][1][0] == "建议 · BianQue-2.0"
+    turns, params = backend["v2"].calls[-1]
+    assert turns[-1] == Turn(PATIENT, ADVISE_NOW_TEXT) and params.max_length == 96
+    assert [t.text for t in turns[:-1]] == [m.text for m in messages[:-2]]
+
+
+@needs_v2
+def test_coq_app_gives_advice_after_max_questions(backend, v1_dir, v2_dir, monkeypatch):
+    at = start(COQ_APP, monkeypatch, BIANQUE_V1_MODEL=v1_dir, BIANQUE_V2_MODEL=v2_dir, BIANQUE_MAX_QUESTIONS=0)
+    assert at.number_input(key="max_questions").value == 0
+    quick(at, "v2")
+    send(at, "孩子发烧了")
+    reply = consultation(at).messages[-1]
+    assert (reply.stage, reply.model, reply.label) == ("advice", "v2", "建议 · BianQue-2.0")
+    assert backend["v1"].calls == [] and len(backend["v2"].calls) == 1
+    assert at.caption[0].value and any(c.value == DISCLAIMER for c in at.caption)

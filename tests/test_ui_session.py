@@ -1,0 +1,184 @@
+"""The apps' logic without Streamlit running: the consultation state, labels, fit notes, transcripts,
+the per-model lock and the partial-reply capture behind Stop."""
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import pytest
+
+from bianque.prompt import DOCTOR, PATIENT, Fit, Turn
+from bianque.sampling import SamplingParams
+from bianque.session import ADVICE, QUESTION, Consultation, fit_note, params_dict, reply_label
+from bianque.transcript import DISCLAIMER, TranscriptInfo, to_json, to_markdown, transcript_dict
+
+INFO = TranscriptInfo(
+    title="扁鹊 · 测试",
+    greeting="你好，我是扁鹊。",
+    models={"v1": {"name": "BianQue-1.0", "source": "/m/v1", "device": "cpu", "dtype": "float32"},
+            "v2": {"name": "BianQue-2.0", "source": "/m/v2", "device": "cuda:1", "dtype": "float16"}},
+    max_questions=8,
+)
+
+
+def _dialogue() -> Consultation:
+    c = Consultation()
+    c.add_patient("我头疼三天了")
+    reply = c.start_reply(model="v1", stage=QUESTION, label="问询 1/8 · BianQue-1.0",
+                          params={"sampling": {"temperature": 0.7}})
+    reply.text = "疼痛在什么部位？"
+    c.finish_reply()
+    c.add_patient("额头，\n晚上更重")
+    reply = c.start_reply(model="v2", stage=ADVICE, label="建议 · BianQue-2.0")
+    reply.text = "建议多休息"
+    c.finish_reply(stopped=True)
+    return c
+
+
+def test_turns_alternate_and_carry_stages_only_on_doctor_turns():
+    c = _dialogue()
+    assert c.turns() == (
+        Turn(PATIENT, "我头疼三天了"),
+        Turn(DOCTOR, "疼痛在什么部位？", QUESTION),
+        Turn(PATIENT, "额头，\n晚上更重"),
+        Turn(DOCTOR, "建议多休息", ADVICE),
+    )
+    assert c.questions_asked() == 1
+    assert c.messages[-1].stopped and c.messages[-1].finished_at is not None
+
+
+def test_reply_needs_a_patient_message_and_regenerate_drops_only_the_doctor_turn():
+    c = Consultation()
+    with pytest.raises(ValueError, match="patient message"):
+        c.start_reply()
+    c = _dialogue()
+    dropped = c.drop_last_reply()
+    assert dropped.text == "建议多休息" and c.awaiting_reply
+    assert c.drop_last_reply() is None  # the patient's message is never dropped
+    assert [m.text for m in c.messages] == ["我头疼三天了", "疼痛在什么部位？", "额头，\n晚上更重"]
+
+
+def test_failed_reply_keeps_the_dialogue_and_a_new_message_joins_the_unanswered_one():
+    c = Consultation()
+    c.add_patient("胸口闷")
+    c.start_reply(model="v1")
+    c.fail_reply("内存不足")
+    assert c.pending is None and c.error == "内存不足" and c.awaiting_reply
+    c.add_patient("还有点喘")
+    assert c.error is None and [m.text for m in c.messages] == ["胸口闷\n还有点喘"]
+
+
+def test_an_interrupted_reply_is_kept_partial_and_marked_stopped():
+    from bianque.ui import _tee, _Timing
+
+    c = Consultation()
+    c.add_patient("失眠")
+    message = c.start_reply(model="v1")
+    stream = _tee(iter(["多", "久", "了？"]), message, _Timing(time.perf_counter()))
+    assert next(stream) + next(stream) == "多久"
+    stream.close()  # what a Stop does to the stream: it is never read to the end
+    assert c.pending.text == "多久"
+    c.finish_reply(stopped=True)
+    assert c.turns()[-1] == Turn(DOCTOR, "多久") and c.messages[-1].stopped
+
+
+@pytest.mark.parametrize("model, stage, n, expected", [
+    ("v1", QUESTION, 3, "问询 3/8 · BianQue-1.0"),
+    ("v2", ADVICE, 9, "建议 · BianQue-2.0"),
+    ("v1", None, 1, "BianQue-1.0"),
+    ("v2", None, 1, "BianQue-2.0"),
+])
+def test_reply_labels(model, stage, n, expected):
+    assert reply_label(model, stage, n, 8) == expected
+
+
+def test_fit_note_only_when_the_model_did_not_see_everything():
+    assert fit_note(Fit((Turn(PATIENT, "a"),))) is None
+    assert fit_note(Fit((Turn(PATIENT, "a"),), dropped_turns=4)) == "对话超出模型长度：省略了最早的 4 条消息"
+    note = fit_note(Fit((Turn(PATIENT, "a"),), dropped_turns=2, cut_chars=120))
+    assert note == "对话超出模型长度：省略了最早的 2 条消息；最新消息过长，只保留了结尾部分（截去开头 120 个字）"
+
+
+def test_params_dict_is_plain_data():
+    assert params_dict(SamplingParams(True, 0.95, 0.7, 50)) == {
+        "do_sample": True, "temperature": 0.95, "top_p": 0.7, "top_k": 50}
+
+
+def test_json_transcript_has_roles_stages_models_timestamps_and_settings():
+    data = json.loads(to_json(_dialogue(), INFO, exported_at="2026-01-01T00:00:00Z"))
+    assert data["format"] == "bianque-transcript/1" and data["disclaimer"] == DISCLAIMER
+    assert data["exported_at"] == "2026-01-01T00:00:00Z" and data["greeting"] == "你好，我是扁鹊。"
+    assert data["models"]["v2"] == {"name": "BianQue-2.0", "source": "/m/v2", "device": "cuda:1", "dtype": "float16"}
+    assert [(t["role"], t["stage"], t["model"], t["stopped"]) for t in data["turns"]] == [
+        ("patient", None, None, False), ("doctor", "question", "v1", False),
+        ("patient", None, None, False), ("doctor", "advice", "v2", True)]
+    assert data["turns"][1]["params"] == {"sampling": {"temperature": 0.7}}
+    assert data["turns"][2]["text"] == "额头，\n晚上更重"
+    assert all(t["started_at"].endswith("Z") and t["finished_at"] for t in data["turns"])
+    assert transcript_dict(Consultation(), INFO)["turns"] == []
+
+
+def test_markdown_transcript_reads_as_the_consultation():
+    c = _dialogue()
+    md = to_markdown(c, INFO, exported_at="2026-01-01T00:00:00Z")
+    stamp = c.messages[1].started_at
+    expected_start = "\n".join([
+        "# 扁鹊 · 测试", "", f"> {DISCLAIMER}", "", "- 导出时间：2026-01-01T00:00:00Z",
+        "- BianQue-1.0：/m/v1（cpu，float32）", "- BianQue-2.0：/m/v2（cuda:1，float16）", "",
+        "### 医生 · 开场白", "", "你好，我是扁鹊。", "",
+        f"### 病人 · {c.messages[0].started_at}", "", "我头疼三天了", "",
+        f"### 医生 · 问询 1/8 · BianQue-1.0 · {stamp}", "", "疼痛在什么部位？", "",
+    ])
+    assert md.startswith(expected_start)
+    assert "额头，\n晚上更重" in md and md.rstrip().endswith("建议多休息\n\n*（已停止）*")
+
+
+class _SlowDoctor:
+    """Yields its pieces with a pause, so two sessions' streams would interleave without the lock."""
+
+    name, source, device, dtype = "BianQue-1.0", "fake", "cpu", "float32"
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[Turn, ...]] = []
+        self.params: list[object] = []
+
+    def reply(self, turns, params=None):
+        self.seen.append(tuple(turns))
+        self.params.append(params)
+        for piece in turns[-1].text:
+            time.sleep(0.01)
+            yield piece
+
+
+def test_a_shared_model_serves_one_session_at_a_time_and_says_who_waits():
+    from bianque.ui import Served, Serialised
+
+    served = Served(_SlowDoctor(), threading.Lock())
+    output: list[str] = []
+    waits: dict[str, list[bool]] = {"a": [], "b": []}
+
+    def session(name: str, text: str) -> None:
+        doctor = Serialised(served, params=f"params-{name}", on_wait=waits[name].append)
+        for piece in doctor.reply([Turn(PATIENT, text)]):
+            output.append(piece)
+
+    first = threading.Thread(target=session, args=("a", "aaaaaaaaaa"))
+    first.start()
+    time.sleep(0.03)  # a is streaming when b arrives
+    session("b", "bbbbb")
+    first.join()
+    assert "".join(output) == "a" * 10 + "b" * 5  # never mixed
+    assert waits["a"] == [] and waits["b"][0] is True and waits["b"][-1] is False
+    assert served.doctor.params == ["params-a", "params-b"]  # each session's own settings
+    assert served.doctor.name == "BianQue-1.0" and Serialised(served, None, print).source == "fake"
+
+
+def test_an_abandoned_stream_releases_the_model():
+    from bianque.ui import Served, Serialised
+
+    served = Served(_SlowDoctor(), threading.Lock())
+    stream = Serialised(served, None, lambda queued: None).reply([Turn(PATIENT, "xyz")])
+    assert next(stream) == "x" and served.lock.locked()
+    stream.close()  # Stop interrupted the run
+    assert not served.lock.locked()
