@@ -1,0 +1,142 @@
+"""Red-flag rules: a table of patient messages with the emergencies they must (and must not) raise."""
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from bianque.safety import RULES, RedFlag, red_flags
+
+# (patient message, names of the flags it must raise — exactly these, in RULES order)
+POSITIVE = [
+    ("突然胸痛，还出了一身冷汗", ["chest_pain"]),
+    ("胸口疼得厉害，喘不上气", ["chest_pain"]),
+    ("胸闷痛半小时了，大汗淋漓", ["chest_pain"]),
+    ("心口痛，疼到左臂，有点濒死感", ["chest_pain"]),
+    ("我爸胸骨后压榨样疼痛，出汗很多", ["chest_pain"]),
+    ("胸痛，没有咳嗽，但是呼吸困难", ["chest_pain"]),  # the negation covers 咳嗽 only
+    ("我妈早上起来口角歪斜，说话不清楚", ["stroke"]),
+    ("爷爷突然一侧肢体无力", ["stroke"]),
+    ("右边手脚突然麻木，抬不起来", ["stroke"]),
+    ("他讲话含糊，嘴歪了", ["stroke"]),
+    ("左眼突然看不见了", ["stroke"]),
+    ("我妈说话突然说不清了", ["stroke"]),
+    ("切菜切到手，血流不止", ["severe_bleeding"]),
+    ("今天吐血了，有小半碗", ["severe_bleeding"]),
+    ("产后大出血怎么办", ["severe_bleeding"]),
+    ("这两天拉柏油样便，头晕乏力", ["severe_bleeding"]),
+    ("鼻子出血止不住，已经二十分钟了", ["severe_bleeding"]),
+    ("我不想活了，活着没意思", ["self_harm"]),
+    ("最近总想自杀", ["self_harm"]),
+    ("昨天晚上割腕了", ["self_harm"]),
+    ("压力太大，有时候想结束自己的生命", ["self_harm"]),
+    ("孩子发烧抽搐了，翻白眼", ["child_emergency"]),
+    ("宝宝呼吸很急促，嘴唇发紫", ["child_emergency"]),  # not also breathing_difficulty
+    ("三岁的儿子高热惊厥", ["child_emergency"]),
+    ("小孩喘不上气，鼻翼扇动", ["child_emergency"]),
+    ("吃了海鲜以后喉咙发紧，全身起疹子", ["anaphylaxis"]),
+    ("打了青霉素后呼吸困难，嘴唇肿了", ["anaphylaxis"]),
+    ("他吃药后过敏性休克了", ["anaphylaxis"]),
+    ("被蜂蜇了，现在舌头发麻", ["anaphylaxis"]),
+    ("哮喘发作，喘不过气来", ["breathing_difficulty"]),
+    ("我爸刚才在厕所晕倒了", ["unconsciousness"]),
+    ("老人叫不醒，怎么办", ["unconsciousness"]),
+    ("突然剧烈头痛，像要炸开一样", ["sudden_severe_headache"]),
+    ("下午突发头痛欲裂，还吐了", ["sudden_severe_headache"]),
+    ("孩子误服了奶奶的降压药", ["poisoning"]),  # poisoning is about the substance, not the age
+    ("他喝了农药", ["poisoning"]),
+    ("在浴室洗澡，怀疑煤气中毒", ["poisoning"]),
+    ("怀孕六周，突然剧烈腹痛", ["pregnancy_emergency"]),
+    ("停经两个月，现在阴道大量出血", ["severe_bleeding", "pregnancy_emergency"]),
+    ("两个月大的宝宝发烧38.5度", ["infant_fever"]),
+    ("宝宝才一个月，今天体温38度", ["infant_fever"]),
+    ("胸痛出汗，而且一侧肢体无力", ["chest_pain", "stroke"]),
+]
+
+NEGATIVE = [
+    "没有胸痛，也没有出汗",
+    "不胸痛，就是有点咳嗽",
+    "无呼吸困难，无胸闷",
+    "胸痛，没有出汗也没有气短",  # chest pain alone, sweating and breathlessness denied
+    "没有胸痛、气短和出汗",
+    "胸口不痛，只是胃有点胀",
+    "胸痛已经好了，就是有点累",
+    "出汗很多，可能是天太热",  # sweating without chest pain
+    "最近嘴角起了个泡",
+    "说话声音有点沙哑",
+    "腿抽筋，晚上睡觉时更明显",
+    "刷牙时牙龈有点出血",
+    "痰里偶尔有血丝",
+    "月经量比平时多一点",
+    "我没有想过自杀",
+    "从来没有过轻生的念头",
+    "孩子咳嗽三天了，没有发烧",
+    "宝宝没有抽搐，精神还好",
+    "孩子呼吸平稳，就是流鼻涕",
+    "我有过敏性鼻炎，经常打喷嚏",
+    "吃了海鲜有点拉肚子",
+    "头痛三天了，一阵一阵的",
+    "发烧三个月了，一直低热",  # a duration, not an infant's age
+    "怀孕三个月，孕吐很厉害",
+    "早上起来有点头晕，没有晕倒",
+    "失眠很严重，每天都很累",
+    "血压有点高，平时吃药控制",
+    "我爸以前中风过，现在恢复得不错",
+    "饿死了，能吃点什么",
+    "",
+]
+
+
+def names(flags: list[RedFlag]) -> list[str]:
+    return [f.name for f in flags]
+
+
+@pytest.mark.parametrize(("text", "expected"), POSITIVE)
+def test_emergencies_are_flagged(text, expected):
+    assert names(red_flags(text)) == expected
+
+
+@pytest.mark.parametrize("text", NEGATIVE)
+def test_non_emergencies_and_negations_are_not_flagged(text):
+    assert red_flags(text) == []
+
+
+def test_table_size_and_rule_coverage():
+    assert len(POSITIVE) >= 40 and len(NEGATIVE) >= 25
+    covered = {name for _, expected in POSITIVE for name in expected}
+    assert covered == {rule.name for rule in RULES}
+
+
+def test_every_message_sends_the_patient_to_emergency_care():
+    for rule in RULES:
+        assert "120" in rule.message or "急诊" in rule.message, rule.name
+        assert rule.message.endswith("。"), rule.name
+
+
+def test_rules_are_data_with_valid_patterns_and_unique_names():
+    assert len({rule.name for rule in RULES}) == len(RULES)
+    known = {rule.name for rule in RULES}
+    for rule in RULES:
+        assert rule.when and all(group for group in rule.when)
+        for group in rule.when:
+            for pattern in group:
+                re.compile(pattern)
+        assert set(rule.supersedes) <= known - {rule.name}
+
+
+def test_whitespace_width_and_newlines_do_not_hide_or_invent_flags():
+    assert names(red_flags("胸 痛 ，  出 冷 汗")) == ["chest_pain"]
+    assert names(red_flags("胸痛\n出汗")) == ["chest_pain"]
+    assert red_flags("没有胸痛\n出汗很多") == []  # sweating alone; the chest pain was denied
+    # NFKC folds full-width digits and punctuation: "３８度" reads as 38.
+    assert names(red_flags("两个月大的宝宝体温３８度")) == ["infant_fever"]
+
+
+def test_huge_message_is_fine():
+    text = "头痛三天了，一阵一阵的。" * 5000 + "突然胸痛，出冷汗。"
+    assert names(red_flags(text)) == ["chest_pain"]
+
+
+def test_non_text_input_is_rejected_clearly():
+    with pytest.raises(TypeError, match="string"):
+        red_flags(None)  # type: ignore[arg-type]
