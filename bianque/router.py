@@ -61,6 +61,7 @@ FINAL_MA = ("吗", "嘛")
 FINAL_ME = "么"
 NOT_QUESTION_ME = ("那么", "这么", "什么", "怎么", "为什么")  # 多么/要么 never close a statement
 FINAL_NE = "呢"
+NE_WH_WORDS = ("什么", "怎么", "谁")
 NE_FOLLOW_UP_STARTS = ("那", "另外", "其他", "其它")
 
 # Clause-level asking markers. Each regex names one way a doctor asks without "？".
@@ -107,7 +108,8 @@ SECOND_PERSON = ("你", "您", "孩子", "宝宝", "小孩", "宝贝")
 
 _ASKING_RE = re.compile("|".join(f"(?:{p})" for p in ASKING_PATTERNS))
 _EMBEDDING_RE = re.compile("|".join(f"(?:{p})" for p in EMBEDDING_PATTERNS))
-_TRAILING_PUNCT = "。！？!?；;\n…～~ 　.,，、"
+_CLOSERS = "。！!；;\n…～~ 　.,，、"  # what may trail a sentence besides a question mark
+_TRAILING_PUNCT = _CLOSERS + "？?"
 
 
 def sentences(text: str) -> list[str]:
@@ -116,7 +118,7 @@ def sentences(text: str) -> list[str]:
 
 
 def _content_len(text: str) -> int:
-    return sum(1 for ch in text if not unicodedata.category(ch)[0] in "PZSC")
+    return sum(1 for ch in text if unicodedata.category(ch)[0] not in "PZSC")
 
 
 def _ends_with_particle(body: str) -> bool:
@@ -126,8 +128,8 @@ def _ends_with_particle(body: str) -> bool:
     if body.endswith(FINAL_ME):
         return not body.endswith(NOT_QUESTION_ME)
     if body.endswith(FINAL_NE):
-        return bool(_ASKING_RE.search(body)) or any(w in body for w in ("什么", "怎么", "为什么", "谁")) \
-            or body.startswith(NE_FOLLOW_UP_STARTS)
+        has_wh = bool(_ASKING_RE.search(body)) or any(w in body for w in NE_WH_WORDS)
+        return has_wh or body.startswith(NE_FOLLOW_UP_STARTS)
     return False
 
 
@@ -144,8 +146,8 @@ def _asking_clause(clause: str) -> bool:
 
 def is_asking(sentence: str) -> bool:
     """Whether one sentence asks the patient something (see the comment above the constants)."""
-    body = sentence.rstrip(_TRAILING_PUNCT.replace("？", "").replace("?", ""))
-    if body.endswith(QUESTION_MARKS) or _ends_with_particle(body.rstrip("？?")):
+    body = sentence.rstrip(_CLOSERS)
+    if body.endswith(QUESTION_MARKS) or _ends_with_particle(body):
         return not _is_rhetorical(body)
     return any(_asking_clause(c) for c in CLAUSE_SPLIT_RE.split(body))
 
@@ -163,19 +165,14 @@ def is_question(text: str) -> bool:
 # --- repeats ---------------------------------------------------------------------------------
 # Openers v1 puts in front of the same question ("你好，请问失眠多久了" == "失眠多久了？").
 FILLER_PREFIXES = ("你好", "您好", "请问")
+_FILLERS_RE = re.compile("^(?:" + "|".join(FILLER_PREFIXES) + ")+")
 
 
 def normalise(text: str) -> str:
     """Text without whitespace, punctuation, symbols or leading fillers; NFKC, case-folded."""
     kept = "".join(ch for ch in unicodedata.normalize("NFKC", text).casefold()
                    if unicodedata.category(ch)[0] not in "PZSC")
-    stripped = True
-    while stripped:
-        stripped = False
-        for prefix in FILLER_PREFIXES:
-            if kept.startswith(prefix) and len(kept) > len(prefix):
-                kept, stripped = kept[len(prefix):], True
-    return kept
+    return _FILLERS_RE.sub("", kept) or kept  # a reply that is only a greeting stays itself
 
 
 def is_repeat(reply: str, turns: Sequence[Turn]) -> bool:
