@@ -229,6 +229,8 @@ def generate_ids(model, input_ids: Sequence[int], params: V1Params,
     for _ in range(params.max_new_tokens):
         logits, cache = decode_step(model, hidden, mask, decoder_ids[-1], cache)
         logits = logits.float().cpu()
+        if not torch.isfinite(logits).all():  # float16 overflow; sampling would fail obscurely
+            raise FloatingPointError("BianQue-1.0 produced non-finite scores; run it in float32 (--v1-dtype float32)")
         banned = banned_ngram_tokens(decoder_ids, params.no_repeat_ngram_size)
         if banned:
             logits[list(banned)] = float("-inf")

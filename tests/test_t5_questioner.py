@@ -147,6 +147,27 @@ def test_stops_at_eos(questioner, monkeypatch):
     assert len(tokens) == 3 and len(steps) == 4 and EOS_ID not in tokens
 
 
+def test_non_finite_scores_give_a_clear_error(questioner, monkeypatch):
+    real_step = t5.decode_step
+
+    def overflow(model, hidden, mask, token, cache):
+        logits, cache = real_step(model, hidden, mask, token, cache)
+        return torch.full_like(logits, float("nan")), cache
+
+    monkeypatch.setattr(t5, "decode_step", overflow)
+    with pytest.raises(FloatingPointError, match="float32"):
+        list(questioner.reply(DIALOGUE, GREEDY))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_float16_default(tiny_dir):
+    q = load_questioner(str(tiny_dir), device="cuda")
+    assert (q.device, q.dtype) == ("cuda:0", "float16")
+    pieces = list(q.reply(DIALOGUE, GREEDY))
+    tokens = list(generate_ids(q.model, q.prompt_ids(DIALOGUE), GREEDY))
+    assert "".join(pieces) == unescape_v1(q.tokenizer.decode(tokens)) and len(tokens) == 40
+
+
 def test_bad_dialogues_fail_at_the_call(questioner):
     for turns in ([], [Turn(PATIENT, "头疼"), Turn(DOCTOR, "多久了？")], [Turn(DOCTOR, "你好")]):
         with pytest.raises(ValueError):
