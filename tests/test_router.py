@@ -246,3 +246,40 @@ def test_questioner_errors_propagate_and_nothing_is_changed():
     with pytest.raises(MemoryError):
         ChainOfQuestioning(Broken(), FakeDoctor()).respond(turns)
     assert turns == [p()]
+
+
+# --- with the real backends (tiny random checkpoints) ------------------------------------------
+@pytest.fixture(scope="module")
+def real_doctors(tmp_path_factory):
+    from tiny_glm import build_tiny_glm
+    from tiny_t5 import build_tiny_t5
+
+    from bianque.glm import load_advisor
+    from bianque.t5 import load_questioner
+
+    questioner = load_questioner(str(build_tiny_t5(tmp_path_factory.mktemp("coq_v1"))))
+    advisor = load_advisor(str(build_tiny_glm(tmp_path_factory.mktemp("coq_v2"))))
+    return questioner, advisor
+
+
+def test_real_backends_route_as_decided(real_doctors):
+    from bianque.glm.advisor import V2Params
+    from bianque.t5 import V1Params
+
+    questioner, advisor = real_doctors
+    v1_params, v2_params = V1Params(max_new_tokens=12, seed=0), V2Params(max_length=96, seed=0)
+    turns = [p("头痛\n三天了"), q("头痛是持续的吗？"), p("一阵一阵的")]
+    v1_text = "".join(questioner.reply(turns, v1_params))  # what v1 will say with this seed
+    coq = ChainOfQuestioning(questioner, advisor)
+
+    reply = coq.respond(turns, v1_params=v1_params, v2_params=v2_params)
+    reason = handover_reason(v1_text, turns)
+    assert reply.handover == reason
+    assert (reply.stage, reply.model) == ((QUESTION, "v1") if reason is None else (ADVICE, "v2"))
+    if reason is None:
+        assert reply.text() == v1_text
+
+    advice = coq.respond(turns, advise_now=True, v2_params=v2_params)
+    expected = "".join(advisor.reply(turns, v2_params))
+    assert (advice.stage, advice.model) == (ADVICE, "v2")
+    assert advice.text() == expected
