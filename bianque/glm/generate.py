@@ -42,7 +42,7 @@ def grow_mask_row(row: torch.Tensor | None) -> torch.Tensor | None:
     return torch.cat([row, row.new_zeros(*row.shape[:-1], 1)], dim=-1)
 
 
-@torch.inference_mode()
+@torch.no_grad()
 def generate_tokens(model: GLMForCausalLM, input_ids: torch.Tensor, max_new_tokens: int,
                     params: SamplingParams = SamplingParams(do_sample=False),
                     attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import pickle
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -59,6 +60,9 @@ class TensorIndex:
         # refuses anything but tensors and plain containers.
         try:
             state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+        except pickle.UnpicklingError as err:
+            raise ModelLoadError(f"cannot safely read {path.name}: {str(err).splitlines()[0]}; "
+                                 "it holds more than tensors (convert it to safetensors)") from err
         except RuntimeError:  # legacy (non-zip) pickles cannot be memory-mapped
             state = torch.load(str(path), map_location="cpu", weights_only=True)
         for name, tensor in state.items():
@@ -130,9 +134,12 @@ def _load_module(module: torch.nn.Module, prefix: str, index: TensorIndex, dtype
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | str | None = None,
-               quantize: int | None = None) -> GLMForCausalLM:
+               quantize: int | None = None, devices: str | list[str] | None = None,
+               max_memory: dict | None = None) -> GLMForCausalLM:
     """GLMForCausalLM from a checkpoint directory, in `dtype` (default float32) on `device`,
-    with weight-only int8/int4 linears when `quantize` is 8 or 4 (or config.quantization_bit)."""
+    with weight-only int8/int4 linears when `quantize` is 8 or 4 (or config.quantization_bit).
+    `devices` ('cuda:0,cuda:1' or 'auto') spreads whole blocks over several devices instead
+    (placement.py; optional per-device `max_memory` budgets)."""
     directory = Path(path)
     if not (directory / "config.json").is_file():
         raise ModelLoadError(f"{directory} is not a ChatGLM checkpoint directory (no config.json)")
@@ -155,14 +162,25 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
             empty_quantized_block_(block, stored_bits, dtype)
     index = index_checkpoint(directory)
     check_names(index, expected_shapes(model))
-    _load_module(model.transformer.word_embeddings, "transformer.word_embeddings.", index, dtype, device)
-    _load_module(model.transformer.final_layernorm, "transformer.final_layernorm.", index, dtype, device)
+    device_map = None
+    if devices is not None:  # engineer F: multi-device placement
+        from .placement import module_device, plan_device_map
+        try:
+            device_map = plan_device_map(config, devices, max_memory, dtype, bits)
+        except ValueError as err:
+            raise ModelLoadError(str(err)) from err
+    where = (lambda name: device) if device_map is None else (lambda name: module_device(device_map, name))
+    _load_module(model.transformer.word_embeddings, "transformer.word_embeddings.", index, dtype, where("transformer.word_embeddings"))
+    _load_module(model.transformer.final_layernorm, "transformer.final_layernorm.", index, dtype, where("transformer.final_layernorm"))
     for i, block in enumerate(model.transformer.layers):
-        _load_module(block, f"transformer.layers.{i}.", index, dtype, device)
+        _load_module(block, f"transformer.layers.{i}.", index, dtype, where(f"transformer.layers.{i}"))
         if bits and not stored_bits:
             from .quant import quantize_block_  # engineer F's module; only needed when quantising
             quantize_block_(block, bits)
     model.lm_head.weight = model.transformer.word_embeddings.weight  # re-tie after assign=True
+    if device_map is not None:
+        from .placement import dispatch
+        dispatch(model, device_map)
     log.info("loaded ChatGLM checkpoint: layers=%d hidden=%d dtype=%s device=%s quantize=%s",
              config.num_layers, config.hidden_size, dtype, device, bits)
     return model.requires_grad_(False).eval()

@@ -282,7 +282,7 @@ class GLMForCausalLM(nn.Module):
         from .loader import load_model
         return load_model(path, device=device, dtype=dtype, quantize=quantize)
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 20, do_sample: bool = False,
                  attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
                  **sampling) -> torch.Tensor:
