@@ -79,9 +79,13 @@ class Consultation:
         return self.pending
 
     def finish_reply(self, stopped: bool = False) -> Message | None:
-        """Move the reply in progress into the dialogue (partial and marked if stopped)."""
+        """Move the reply in progress into the dialogue (partial and marked if stopped).
+
+        A reply stopped before its first character is dropped rather than kept empty: an empty
+        doctor turn would read as "advice given" to the router and end the questioning.
+        """
         message, self.pending = self.pending, None
-        if message is None:
+        if message is None or (stopped and not message.text):
             return None
         message.stopped = stopped
         message.finished_at = now_iso()

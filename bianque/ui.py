@@ -34,7 +34,10 @@ log = logging.getLogger(__name__)
 EMERGENCY = "请立即拨打120或前往急诊"
 OOM_MESSAGE = "生成回复时内存/显存不足，回复未完成。对话已保留：可以点击「重试」，或在侧栏调小生成长度后再试。"
 FAILED_MESSAGE = "生成回复时出错（{kind}）。对话已保留，可以点击「重试」。"
-AVATARS = {"assistant": "🩺", "user": "🧑"}
+# Material icons ship with Streamlit's frontend, so they render offline and without emoji fonts.
+AVATARS = {"assistant": ":material/stethoscope:", "user": ":material/person:"}
+STOPPED_NOTE = ":material/stop_circle: 已停止：以上是停止前生成的部分回复"
+EMPTY_REPLY = "*（模型没有生成内容，可以点击「重新生成」）*"
 ENV_VARS = {"v1": "BIANQUE_V1_MODEL", "v2": "BIANQUE_V2_MODEL"}
 FLAGS = {"v1": "--v1-model", "v2": "--v2-model"}
 INT_LABELS = {
@@ -56,7 +59,7 @@ class AppConfig:
     caption: str
     page_title: str
     placeholder: str = "请描述您的症状，或回答医生的问题…"
-    icon: str = "🩺"
+    icon: str = ":material/stethoscope:"
 
     @property
     def kinds(self) -> tuple[str, ...]:
@@ -71,11 +74,41 @@ class Served:
     lock: threading.Lock
 
 
+class Status:
+    """The line under a reply's label: "排队中" while another session holds the model, progress
+    while a model writes a reply that is not shown yet (the router judges v1's whole reply).
+
+    Each update is a Streamlit call, and Streamlit can only interrupt a run (Stop, a new message)
+    at such calls, never inside a model's forward pass; so updates are also the Stop points.
+    """
+
+    INTERVAL_S = 0.2
+
+    def __init__(self, slot: Any) -> None:
+        self._slot, self._last, self.live = slot, 0.0, True
+
+    def queued(self, waiting: bool) -> None:
+        if waiting:
+            self._slot.info("排队中：模型正在为其他用户生成回复，请稍候…", icon=":material/hourglass_top:")
+        else:
+            self._slot.empty()
+
+    def progress(self, name: str, chars: int) -> None:
+        now = time.perf_counter()
+        if self.live and now - self._last >= self.INTERVAL_S:
+            self._last = now
+            self._slot.caption(f"{name} 正在生成… 已写 {chars} 字")
+
+    def done(self) -> None:
+        self.live = False
+        self._slot.empty()
+
+
 class Serialised:
     """A per-run view of a shared doctor: replies hold its lock, and use this session's settings."""
 
-    def __init__(self, served: Served, params: Any, on_wait: Callable[[bool], None]):
-        self._served, self._params, self._on_wait = served, params, on_wait
+    def __init__(self, served: Served, params: Any, status: Status):
+        self._served, self._params, self._status = served, params, status
 
     def __getattr__(self, name: str) -> Any:  # name, source, device, dtype, default_params, fit
         return getattr(self._served.doctor, name)
@@ -85,12 +118,16 @@ class Serialised:
         if not lock.acquire(blocking=False):
             # Another session is generating: say so, and keep calling into Streamlit while
             # waiting so that Stop (a rerun request) can still interrupt this session.
-            self._on_wait(True)
+            self._status.queued(True)
             while not lock.acquire(timeout=0.25):
-                self._on_wait(True)
-            self._on_wait(False)
+                self._status.queued(True)
+            self._status.queued(False)
         try:
-            yield from self._served.doctor.reply(turns, self._params if params is None else params)
+            chars = 0
+            for piece in self._served.doctor.reply(turns, self._params if params is None else params):
+                chars += len(piece)
+                self._status.progress(self._served.doctor.name, chars)
+                yield piece
         finally:
             lock.release()
 
@@ -151,7 +188,7 @@ def _load(config: AppConfig, settings: Settings) -> dict[str, Served]:
 
 def _load_error_page(kind: str, message: str) -> None:
     log.warning("could not load %s", kind)
-    st.error(f"**{MODEL_NAMES[kind]} 加载失败**\n\n{message}", icon="⚠️")
+    st.error(f"**{MODEL_NAMES[kind]} 加载失败**\n\n{message}", icon=":material/error:")
     st.info(
         f"指定本地模型目录：设置环境变量 `{ENV_VARS[kind]}=DIR`，或启动时传参 "
         f"`streamlit run <app>.py -- {FLAGS[kind]} DIR`；也可以先运行 `python -m bianque download` 下载模型。"
@@ -161,7 +198,7 @@ def _load_error_page(kind: str, message: str) -> None:
 
 def _unavailable_page(kind: str, exc: ImportError) -> None:
     log.warning("backend for %s not importable: %s", kind, type(exc).__name__)
-    st.error(f"**{MODEL_NAMES[kind]} 暂不可用**\n\n此版本缺少 {MODEL_NAMES[kind]} 的后端（{exc}）。", icon="🚧")
+    st.error(f"**{MODEL_NAMES[kind]} 暂不可用**\n\n此版本缺少 {MODEL_NAMES[kind]} 的后端（{exc}）。", icon=":material/construction:")
     st.stop()
 
 
@@ -169,7 +206,7 @@ def _settings(argv: Sequence[str] | None) -> Settings:
     try:
         return parse_settings(sys.argv[1:] if argv is None else argv)
     except ValueError as exc:
-        st.error(f"**启动参数有误**\n\n{exc}", icon="⚠️")
+        st.error(f"**启动参数有误**\n\n{exc}", icon=":material/error:")
         st.stop()
 
 
@@ -199,7 +236,7 @@ def _params_widgets(kind: str, defaults: Any) -> Any:
 
 def _sidebar(config: AppConfig, served: dict[str, Served], settings: Settings) -> Controls:
     with st.sidebar:
-        st.button("🆕 新的问诊", on_click=_new_consultation, use_container_width=True, key="new")
+        st.button("新的问诊", on_click=_new_consultation, width="stretch", key="new", icon=":material/add_comment:")
         max_questions = settings.max_questions
         if config.mode == "coq":
             max_questions = int(st.number_input("最多问询次数（之后由 BianQue-2.0 给建议）", 0, 20,
@@ -221,9 +258,9 @@ def _downloads(config: AppConfig, served: dict[str, Served], consultation: Consu
         st.markdown("**下载问诊记录**")
         left, right = st.columns(2)
         left.download_button("Markdown", to_markdown(consultation, info), "bianque-transcript.md",
-                             "text/markdown", key="download_md", on_click="ignore", icon="📄")
+                             "text/markdown", key="download_md", on_click="ignore", icon=":material/description:")
         right.download_button("JSON", to_json(consultation, info), "bianque-transcript.json",
-                              "application/json", key="download_json", on_click="ignore", icon="🧾")
+                              "application/json", key="download_json", on_click="ignore", icon=":material/data_object:")
 
 
 def transcript_info(config: AppConfig, served: dict[str, Served], max_questions: int) -> TranscriptInfo:
@@ -278,19 +315,19 @@ def _render_message(message: Message) -> None:
             st.markdown(message.text)
         notice = red_flag_notice(message.text)
         if notice:
-            st.error(notice, icon="🚨")
+            st.error(notice, icon=":material/emergency:")
         return
     with st.chat_message("assistant", avatar=AVATARS["assistant"]):
         st.caption(message.label or "")
-        st.markdown(message.text or "…")
+        st.markdown(message.text or EMPTY_REPLY)
         _reply_footer(message)
 
 
 def _reply_footer(message: Message) -> None:
     if message.stopped:
-        st.caption("⏹ 已停止：以上是停止前生成的部分回复")
+        st.caption(STOPPED_NOTE)
     if message.note:
-        st.caption(f"ℹ️ {message.note}")
+        st.caption(f":material/info: {message.note}")
 
 
 def _render_history(consultation: Consultation) -> None:
@@ -305,7 +342,7 @@ def _take_request(prompt: str | None, consultation: Consultation) -> bool | None
     request = st.session_state.pop(REQUEST_KEY, None)
     if prompt is not None:
         if not prompt.strip():
-            st.toast("消息为空，未发送。", icon="✏️")
+            st.toast("消息为空，未发送。", icon=":material/edit_note:")
             return None
         consultation.add_patient(prompt)
         return False
@@ -323,17 +360,18 @@ def _take_request(prompt: str | None, consultation: Consultation) -> bool | None
 
 def _controls(config: AppConfig, consultation: Consultation) -> None:
     if consultation.error:
-        st.error(consultation.error, icon="⚠️")
+        st.error(consultation.error, icon=":material/error:")
     st.caption(DISCLAIMER)
     if not consultation.messages:
         return
     buttons = st.columns([1, 1, 3])
     if consultation.awaiting_reply:
-        buttons[0].button("🔁 重试", on_click=_request, args=("retry",), key="retry")
+        buttons[0].button("重试", on_click=_request, args=("retry",), key="retry", icon=":material/replay:")
     else:
-        buttons[0].button("🔄 重新生成", on_click=_request, args=("regenerate",), key="regenerate")
+        buttons[0].button("重新生成", on_click=_request, args=("regenerate",), key="regenerate",
+                          icon=":material/refresh:")
     if config.mode == "coq":
-        buttons[1].button("💡 直接给建议", on_click=_request, args=("advise",), key="advise",
+        buttons[1].button("直接给建议", on_click=_request, args=("advise",), key="advise", icon=":material/lightbulb:",
                           help="不再追问，由 BianQue-2.0 根据目前的对话给出建议")
 
 
@@ -372,25 +410,19 @@ def _answer(config: AppConfig, served: dict[str, Served], consultation: Consulta
             controls: Controls, advise_now: bool) -> None:
     timing = _Timing(time.perf_counter())
     with st.chat_message("assistant", avatar=AVATARS["assistant"]):
-        label, waiting = st.empty(), st.empty()
+        label, status = st.empty(), Status(st.empty())
         label.caption("思考中…")
-
-        def on_wait(queued: bool) -> None:
-            if queued:
-                waiting.info("排队中：模型正在为其他用户生成回复，请稍候…", icon="⏳")
-            else:
-                waiting.empty()
-
-        doctors = {k: Serialised(s, controls.params[k], on_wait) for k, s in served.items()}
+        doctors = {k: Serialised(s, controls.params[k], status) for k, s in served.items()}
         message = consultation.start_reply()
         stop = st.empty()
-        stop.button("⏹ 停止生成", key="stop")  # a click reruns the script, which interrupts this one
+        stop.button("停止生成", key="stop", icon=":material/stop_circle:")  # a click reruns the script, which interrupts this one
         chunks: Iterator[str] = iter(())
         completed = False
         try:
             kind, stage, chunks = _start(config, doctors, consultation, controls, advise_now)
             _describe(message, kind, stage, consultation, controls, served[kind].doctor)
             label.caption(message.label)
+            status.done()
             st.write_stream(_tee(chunks, message, timing))
             completed = True
         except torch.OutOfMemoryError:
@@ -448,7 +480,7 @@ def run_app(config: AppConfig, argv: Sequence[str] | None = None) -> None:
     except Exception as exc:  # noqa: BLE001 - Streamlit's rerun/stop are BaseExceptions and pass through
         # The traceback's frames only: an exception's message may quote the patient.
         log.error("app run failed: %s\n%s", type(exc).__name__, "".join(traceback.format_tb(exc.__traceback__)))
-        st.error(f"**出错了**（{type(exc).__name__}）。本会话的对话仍然保留，可以稍后重试。", icon="⚠️")
+        st.error(f"**出错了**（{type(exc).__name__}）。本会话的对话仍然保留，可以稍后重试。", icon=":material/error:")
 
 
 def _run(config: AppConfig, argv: Sequence[str] | None) -> None:

@@ -15,6 +15,7 @@ from bianque.prompt import PATIENT, Turn
 from bianque.router import GREETING
 from bianque.session import ADVISE_NOW_TEXT, Consultation
 from bianque.transcript import DISCLAIMER
+from bianque.ui import EMPTY_REPLY
 
 ROOT = Path(__file__).resolve().parents[1]
 V1_APP, V2_APP, COQ_APP = "bianque_v1_app.py", "bianque_v2_app.py", "bianque_v1_v2_app.py"
@@ -142,7 +143,7 @@ def test_v1_app_greets_answers_the_first_message_and_labels_it(backend, v1_dir, 
     reply = consultation(at).messages[-1]
     assert reply.model == "v1" and reply.text and reply.label == "BianQue-1.0"
     assert bubbles(at)[1:] == [("user", [], ["我头疼三天了"]), ("assistant", ["BianQue-1.0"], [reply.text])]
-    assert [b.label for b in at.button if b.key == "regenerate"] == ["🔄 重新生成"]
+    assert [b.label for b in at.button if b.key == "regenerate"] == ["重新生成"]
     assert not [b for b in at.button if b.key == "advise"]  # advice-now is the combined app's
 
 
@@ -184,7 +185,7 @@ def test_v1_app_keeps_an_over_long_message_and_notes_the_fit(backend, v1_dir, mo
     assert backend["v1"].calls[-1][0] == (Turn(PATIENT, long_text),)  # kept whole; the doctor fits it
     reply = consultation(at).messages[-1]
     assert reply.note.startswith("对话超出模型长度：最新消息过长，只保留了结尾部分（截去开头 ")
-    assert f"ℹ️ {reply.note}" in bubbles(at)[-1][1]
+    assert f":material/info: {reply.note}" in bubbles(at)[-1][1]
     assert consultation(at).messages[0].text == long_text
 
 
@@ -234,7 +235,7 @@ def test_a_reply_interrupted_by_stop_is_kept_and_marked(backend, v1_dir, monkeyp
     at.session_state["consultation"] = c
     at.run()
     assert c.pending is None and c.messages[-1].stopped and c.messages[-1].text == "体温多"
-    assert bubbles(at)[-1] == ("assistant", ["BianQue-1.0", "⏹ 已停止：以上是停止前生成的部分回复"], ["体温多"])
+    assert bubbles(at)[-1] == ("assistant", ["BianQue-1.0", ":material/stop_circle: 已停止：以上是停止前生成的部分回复"], ["体温多"])
     assert backend["v1"].calls == []
 
 
@@ -281,7 +282,7 @@ def test_v2_app_answers_with_its_defaults_and_label(backend, v2_dir, monkeypatch
     assert turns == (Turn(PATIENT, "最近总是失眠怎么办"),) and params.max_length == 96
     reply = consultation(at).messages[-1]
     assert reply.model == "v2" and reply.label == "BianQue-2.0"
-    assert bubbles(at)[-1] == ("assistant", ["BianQue-2.0"], [reply.text or "…"])
+    assert bubbles(at)[-1] == ("assistant", ["BianQue-2.0"], [reply.text or EMPTY_REPLY])
 
 
 @needs_v2

@@ -83,6 +83,16 @@ def test_an_interrupted_reply_is_kept_partial_and_marked_stopped():
     assert c.turns()[-1] == Turn(DOCTOR, "多久") and c.messages[-1].stopped
 
 
+def test_a_reply_stopped_before_any_text_is_dropped_and_the_message_awaits_a_reply():
+    c = Consultation()
+    c.add_patient("失眠")
+    c.start_reply()
+    assert c.finish_reply(stopped=True) is None
+    assert c.turns() == (Turn(PATIENT, "失眠"),) and c.awaiting_reply and c.pending is None
+    c.start_reply()
+    assert c.finish_reply().text == ""  # a finished empty reply is the model's answer: kept
+
+
 @pytest.mark.parametrize("model, stage, n, expected", [
     ("v1", QUESTION, 3, "问询 3/8 · BianQue-1.0"),
     ("v2", ADVICE, 9, "建议 · BianQue-2.0"),
@@ -151,15 +161,29 @@ class _SlowDoctor:
             yield piece
 
 
+class _Status:
+    """Records what a reply's status line would show."""
+
+    def __init__(self) -> None:
+        self.queued_calls: list[bool] = []
+        self.progress_calls: list[tuple[str, int]] = []
+
+    def queued(self, waiting: bool) -> None:
+        self.queued_calls.append(waiting)
+
+    def progress(self, name: str, chars: int) -> None:
+        self.progress_calls.append((name, chars))
+
+
 def test_a_shared_model_serves_one_session_at_a_time_and_says_who_waits():
     from bianque.ui import Served, Serialised
 
     served = Served(_SlowDoctor(), threading.Lock())
     output: list[str] = []
-    waits: dict[str, list[bool]] = {"a": [], "b": []}
+    status = {"a": _Status(), "b": _Status()}
 
     def session(name: str, text: str) -> None:
-        doctor = Serialised(served, params=f"params-{name}", on_wait=waits[name].append)
+        doctor = Serialised(served, params=f"params-{name}", status=status[name])
         for piece in doctor.reply([Turn(PATIENT, text)]):
             output.append(piece)
 
@@ -169,16 +193,64 @@ def test_a_shared_model_serves_one_session_at_a_time_and_says_who_waits():
     session("b", "bbbbb")
     first.join()
     assert "".join(output) == "a" * 10 + "b" * 5  # never mixed
-    assert waits["a"] == [] and waits["b"][0] is True and waits["b"][-1] is False
+    assert status["a"].queued_calls == []
+    assert status["b"].queued_calls[0] is True and status["b"].queued_calls[-1] is False
+    assert status["b"].progress_calls == [("BianQue-1.0", n) for n in range(1, 6)]
     assert served.doctor.params == ["params-a", "params-b"]  # each session's own settings
-    assert served.doctor.name == "BianQue-1.0" and Serialised(served, None, print).source == "fake"
+    assert served.doctor.name == "BianQue-1.0" and Serialised(served, None, _Status()).source == "fake"
 
 
 def test_an_abandoned_stream_releases_the_model():
     from bianque.ui import Served, Serialised
 
     served = Served(_SlowDoctor(), threading.Lock())
-    stream = Serialised(served, None, lambda queued: None).reply([Turn(PATIENT, "xyz")])
+    stream = Serialised(served, None, _Status()).reply([Turn(PATIENT, "xyz")])
     assert next(stream) == "x" and served.lock.locked()
     stream.close()  # Stop interrupted the run
     assert not served.lock.locked()
+
+
+def test_an_interruption_inside_a_progress_update_releases_the_model():
+    """Streamlit raises its rerun/stop exception from the Streamlit call it interrupts."""
+    from bianque.ui import Served, Serialised
+
+    class Interrupt(BaseException):
+        pass
+
+    class Interrupting(_Status):
+        def progress(self, name, chars):
+            if chars == 2:
+                raise Interrupt()
+
+    served = Served(_SlowDoctor(), threading.Lock())
+    with pytest.raises(Interrupt):
+        "".join(Serialised(served, None, Interrupting()).reply([Turn(PATIENT, "xyz")]))
+    assert not served.lock.locked()
+
+
+def test_status_line_rate_limits_progress_and_stops_after_done():
+    from bianque.ui import Status
+
+    class Slot:
+        def __init__(self):
+            self.calls = []
+
+        def caption(self, text):
+            self.calls.append(("caption", text))
+
+        def info(self, text, icon=None):
+            self.calls.append(("info", text))
+
+        def empty(self):
+            self.calls.append(("empty", None))
+
+    slot = Slot()
+    status = Status(slot)
+    status.queued(True)
+    status.queued(False)
+    status.progress("BianQue-1.0", 3)
+    status.progress("BianQue-1.0", 4)  # within the interval: no update
+    status.done()
+    status.progress("BianQue-1.0", 90)
+    assert slot.calls == [("info", "排队中：模型正在为其他用户生成回复，请稍候…"), ("empty", None),
+                          ("caption", "BianQue-1.0 正在生成… 已写 3 字"), ("empty", None)]
