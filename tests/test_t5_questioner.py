@@ -123,6 +123,28 @@ def test_kv_cache_decode_equals_full_forward(questioner):
     torch.testing.assert_close(torch.stack(cached), full, rtol=1e-4, atol=1e-5)
 
 
+def _until_eos(ids: list[int]) -> list[int]:
+    return ids[: ids.index(EOS_ID)] if EOS_ID in ids else ids
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_our_loop_equals_transformers_generate(questioner, seed):
+    """Token for token: greedy with and without the n-gram ban, and seeded sampling with the original settings."""
+    model, ids = questioner.model, questioner.prompt_ids(DIALOGUE)
+    x = torch.tensor([ids])
+    for n in (0, 3):
+        ours = list(generate_ids(model, ids, dataclasses.replace(GREEDY, no_repeat_ngram_size=n)))
+        theirs = model.generate(x, max_new_tokens=40, do_sample=False, num_beams=1, no_repeat_ngram_size=n or None)
+        assert ours == _until_eos(theirs[0, 1:].tolist())
+    original = V1Params(max_new_tokens=40)
+    torch.manual_seed(seed)
+    ours = list(generate_ids(model, ids, original))
+    torch.manual_seed(seed)
+    theirs = model.generate(x, max_new_tokens=40, do_sample=True, temperature=0.7, top_p=1.0, top_k=50,
+                            no_repeat_ngram_size=3)
+    assert ours == _until_eos(theirs[0, 1:].tolist())
+
+
 def _has_repeated_ngram(ids: list[int], n: int) -> bool:
     grams = [tuple(ids[i:i + n]) for i in range(len(ids) - n + 1)]
     return len(grams) != len(set(grams))
