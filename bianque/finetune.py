@@ -21,6 +21,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import os
 import random
 import shutil
 import sys
@@ -67,7 +68,7 @@ class TrainConfig:
     max_steps: int | None = None  # overrides epochs
     batch_size: int = 8  # per device
     grad_accum: int = 1
-    mixed_precision: str = "no"
+    mixed_precision: str | None = None  # None: whatever `accelerate launch`/`accelerate config` set, else "no"
     seed: int = 42
     sample_fraction: float = 1.0
     train_ratio: float = 1.0  # the rest becomes the validation set when --val-data is not given
@@ -346,7 +347,7 @@ def check_config(cfg: TrainConfig) -> None:
         raise FinetuneError(f"these settings must be at least 1: {', '.join(bad)}")
     if cfg.scheduler not in ("constant", "linear"):
         raise FinetuneError(f"--scheduler must be constant or linear, got {cfg.scheduler!r}")
-    if cfg.mixed_precision not in ("no", "fp16", "bf16"):
+    if cfg.mixed_precision not in (None, "no", "fp16", "bf16"):
         raise FinetuneError(f"--mixed-precision must be fp16, bf16 or no, got {cfg.mixed_precision!r}")
     if cfg.mixed_precision == "fp16" and not torch.cuda.is_available():
         raise FinetuneError("--mixed-precision fp16 needs a CUDA GPU; use bf16 or no on CPU")
@@ -391,7 +392,9 @@ def setup(cfg: TrainConfig) -> Run:
     from .t5 import load_tokenizer
 
     check_config(cfg)
-    accelerator = Accelerator(mixed_precision=cfg.mixed_precision)
+    # accelerate only runs CPU processes as one DDP group (gloo) when told cpu=True; without a GPU
+    # `torchrun`/`accelerate launch` would otherwise start N independent single-process runs.
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available())
     set_seed(cfg.seed)
     model_dir = resolve_checkpoint(cfg.model, "BIANQUE_V1_MODEL")
     resume_from = _prepare_output_once(accelerator, cfg, model_dir)
@@ -569,7 +572,8 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
         if field.name in ("data", "output", "model", "val_data", "resume", "overwrite"):
             continue
         flag, default = "--" + field.name.replace("_", "-"), getattr(defaults, field.name)
-        kind = {"max_steps": int, "save_steps": int, "save_total_limit": int, "eval_steps": int}.get(field.name, type(default))
+        kind = {"max_steps": int, "save_steps": int, "save_total_limit": int, "eval_steps": int,
+                "mixed_precision": str}.get(field.name, type(default))
         p.add_argument(flag, type=kind, default=default, help=f"default: {default}")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --output")
     p.add_argument("--overwrite", action="store_true", help="start over in an existing --output")
@@ -577,7 +581,9 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    main_process = os.environ.get("RANK", "0") == "0"  # set by torchrun / accelerate launch
+    logging.basicConfig(level=logging.INFO if main_process else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg = parse_args(argv)
     try:
         result = train(cfg)
@@ -586,7 +592,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
-    print(f"saved {result.output} ({result.steps} steps, {result.examples_per_s:.1f} examples/s)")
+    if main_process:
+        print(f"saved {result.output} ({result.steps} steps, {result.examples_per_s:.1f} examples/s)")
     return 0
 
 
