@@ -218,9 +218,9 @@ def generate_ids(model, input_ids: Sequence[int], params: V1Params,
                  generator: torch.Generator | None = None) -> Iterator[int]:
     """Yield new token ids until ``</s>`` (not yielded) or ``max_new_tokens``.
 
-    As 4.28's generate: the no-repeat n-gram ban sees the decoder ids including the start token,
-    then temperature/top-k/top-p and the draw. The draw runs on CPU in float32 so a seed gives
-    the same choices from the same logits on any device.
+    As transformers' ``generate`` (the tests compare token for token): the no-repeat n-gram ban sees
+    the decoder ids including the start token, then temperature/top-k/top-p and the draw. The draw
+    runs on CPU in float32, so a seed gives the same choices from the same logits on any device.
     """
     device = next(model.parameters()).device
     hidden, mask = encode(model, torch.tensor([list(input_ids)], device=device))
