@@ -14,6 +14,7 @@ import sys
 import threading
 import time
 import traceback
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Sequence
 
@@ -48,6 +49,7 @@ INT_LABELS = {
 }
 STATE_KEY = "consultation"
 REQUEST_KEY = "request"
+SESSION_LOCK_KEY = "session_lock"
 
 
 @dataclass(frozen=True)
@@ -289,6 +291,21 @@ def _consultation() -> Consultation:
     return consultation
 
 
+@contextmanager
+def one_run_at_a_time(state: Any) -> Iterator[None]:
+    """Let one run of a browser session at a time touch its consultation.
+
+    With Streamlit's fast reruns (the default), a new message or a Stop click starts the next run
+    at once in a new thread, while the interrupted run is still unwinding: it only stops at its
+    next Streamlit call, then its ``finally`` files the partial reply. Waiting for that keeps the
+    partial reply and the new request from racing (a run that is waited for stops within one
+    chunk or one progress update, see :class:`Status`).
+    """
+    lock = state.setdefault(SESSION_LOCK_KEY, threading.Lock())
+    with lock:
+        yield
+
+
 def _new_consultation() -> None:
     st.session_state[STATE_KEY] = Consultation()
     st.session_state.pop(REQUEST_KEY, None)
@@ -476,7 +493,8 @@ def run_app(config: AppConfig, argv: Sequence[str] | None = None) -> None:
     """Render one run of an app; an unexpected failure is a page with a message, never a traceback."""
     st.set_page_config(page_title=config.page_title, page_icon=config.icon, layout="centered")
     try:
-        _run(config, argv)
+        with one_run_at_a_time(st.session_state):
+            _run(config, argv)
     except Exception as exc:  # noqa: BLE001 - Streamlit's rerun/stop are BaseExceptions and pass through
         # The traceback's frames only: an exception's message may quote the patient.
         log.error("app run failed: %s\n%s", type(exc).__name__, "".join(traceback.format_tb(exc.__traceback__)))

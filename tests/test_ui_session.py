@@ -254,3 +254,25 @@ def test_status_line_rate_limits_progress_and_stops_after_done():
     status.progress("BianQue-1.0", 90)
     assert slot.calls == [("info", "排队中：模型正在为其他用户生成回复，请稍候…"), ("empty", None),
                           ("caption", "BianQue-1.0 正在生成… 已写 3 字"), ("empty", None)]
+
+
+def test_runs_of_one_session_take_turns():
+    """A fast rerun must wait until the interrupted run has filed its partial reply."""
+    from bianque.ui import one_run_at_a_time
+
+    state: dict = {}
+    events: list[str] = []
+
+    def old_run() -> None:
+        with one_run_at_a_time(state):
+            events.append("old starts")
+            time.sleep(0.05)
+            events.append("old files the partial reply")
+
+    thread = threading.Thread(target=old_run)
+    thread.start()
+    time.sleep(0.01)
+    with one_run_at_a_time(state):
+        events.append("new starts")
+    thread.join()
+    assert events == ["old starts", "old files the partial reply", "new starts"]
