@@ -78,6 +78,7 @@ class TrainConfig:
     log_steps: int = 10
     resume: bool = False
     overwrite: bool = False
+    cpu: bool = False  # train on the CPU even when a GPU is present
 
 
 @dataclass(frozen=True)
@@ -112,8 +113,8 @@ def encode_source(tokenizer, text: str, max_length: int) -> list[int]:
     """Prompt ids that fit ``max_length``, keeping the END (the newest turn and its ``医生：``).
 
     Inference fits a long dialogue by dropping its oldest turns, so the model must learn to
-    answer the last message; cutting from the right (as the 2023 script did) trained it on
-    prompts whose newest turn was missing.
+    answer the last message; cutting from the right (the tokenizer's default) would train it on
+    prompts whose newest turn is missing.
     """
     ids = tokenizer.encode(text, max_length=None)
     if len(ids) <= max_length:
@@ -213,7 +214,7 @@ def prepare_output(cfg: TrainConfig, model_dir: Path) -> None:
     if not cfg.overwrite:
         raise FinetuneError(f"--output {output} already exists; pass --resume to continue from its last "
                             "checkpoint or --overwrite to start over")
-    for old in checkpoints(output):  # only this tool's own artifacts are removed
+    for old in checkpoints(output) + list(output.glob("checkpoint-*.tmp")):  # only this tool's own files
         shutil.rmtree(old)
     (output / METRICS_FILE).unlink(missing_ok=True)
 
@@ -251,8 +252,13 @@ def keep_untied_flag(saved: Path, base: Path) -> None:
 
 
 def save_checkpoint(run, position: Position) -> None:
-    """``checkpoint-<step>/``: the model (loadable as is), optimizer, scheduler, RNG, data position."""
-    acc, directory = run.accelerator, run.cfg.output / f"checkpoint-{position.step}"
+    """``checkpoint-<step>/``: the model (loadable as is), optimizer, scheduler, RNG, data position.
+
+    Written under ``checkpoint-<step>.tmp`` and renamed when complete, so an interruption while
+    saving never leaves a half checkpoint for ``--resume`` to pick.
+    """
+    acc, final = run.accelerator, run.cfg.output / f"checkpoint-{position.step}"
+    directory = final.with_name(final.name + ".tmp")
     if acc.is_main_process:
         save_model(acc.unwrap_model(run.model), directory, run.model_dir)
         torch.save(run.optimizer.state_dict(), directory / "optimizer.pt")
@@ -269,7 +275,9 @@ def save_checkpoint(run, position: Position) -> None:
     torch.save(rng, directory / f"rng-{acc.process_index}.pt")
     acc.wait_for_everyone()
     if acc.is_main_process:
+        directory.rename(final)
         prune_checkpoints(run.cfg.output, run.cfg.save_total_limit)
+    acc.wait_for_everyone()
 
 
 def prune_checkpoints(output: Path, limit: int | None) -> None:
@@ -282,6 +290,11 @@ def prune_checkpoints(output: Path, limit: int | None) -> None:
 
 def read_state(checkpoint: Path, cfg: TrainConfig, world: int, data_id: str) -> Position:
     """The saved position, after checking that this run would replay the same data order."""
+    needed = [STATE_FILE, "optimizer.pt", "scheduler.pt"] + [f"rng-{rank}.pt" for rank in range(world)]
+    missing = [name for name in needed if not (checkpoint / name).is_file()]
+    if missing:
+        raise FinetuneError(f"cannot resume from {checkpoint}: it lacks {', '.join(missing)} (or was written by "
+                            "a different number of processes); delete it to resume from an earlier checkpoint")
     state = json.loads((checkpoint / STATE_FILE).read_text())
     changed = [k for k in ORDER_FIELDS if state[k] != getattr(cfg, k)]
     changed += ["world size (number of processes)"] if state["world_size"] != world else []
@@ -349,7 +362,7 @@ def check_config(cfg: TrainConfig) -> None:
         raise FinetuneError(f"--scheduler must be constant or linear, got {cfg.scheduler!r}")
     if cfg.mixed_precision not in (None, "no", "fp16", "bf16"):
         raise FinetuneError(f"--mixed-precision must be fp16, bf16 or no, got {cfg.mixed_precision!r}")
-    if cfg.mixed_precision == "fp16" and not torch.cuda.is_available():
+    if cfg.mixed_precision == "fp16" and (cfg.cpu or not torch.cuda.is_available()):
         raise FinetuneError("--mixed-precision fp16 needs a CUDA GPU; use bf16 or no on CPU")
 
 
@@ -394,7 +407,7 @@ def setup(cfg: TrainConfig) -> Run:
     check_config(cfg)
     # accelerate only runs CPU processes as one DDP group (gloo) when told cpu=True; without a GPU
     # `torchrun`/`accelerate launch` would otherwise start N independent single-process runs.
-    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available())
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=cfg.cpu or not torch.cuda.is_available())
     set_seed(cfg.seed)
     model_dir = resolve_checkpoint(cfg.model, "BIANQUE_V1_MODEL")
     resume_from = _prepare_output_once(accelerator, cfg, model_dir)
@@ -404,6 +417,9 @@ def setup(cfg: TrainConfig) -> Run:
     per_epoch = steps_per_epoch(len(train_rows), cfg, world)
     total = cfg.max_steps or cfg.epochs * per_epoch
     model = load_model(resume_from or model_dir)
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise ModelLoadError(f"{model_dir}: spiece.model has {tokenizer.vocab_size} pieces but the model only "
+                             f"{model.config.vocab_size} embeddings; the tokenizer belongs to another checkpoint")
     pad_id = model.config.pad_token_id
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = make_scheduler(optimizer, cfg, total)
@@ -569,7 +585,7 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     p.add_argument("--val-data", type=Path, help="validation CSV (else the --train-ratio remainder)")
     defaults = TrainConfig(data=Path(), output=Path())
     for field in dataclasses.fields(TrainConfig):
-        if field.name in ("data", "output", "model", "val_data", "resume", "overwrite"):
+        if field.name in ("data", "output", "model", "val_data", "resume", "overwrite", "cpu"):
             continue
         flag, default = "--" + field.name.replace("_", "-"), getattr(defaults, field.name)
         kind = {"max_steps": int, "save_steps": int, "save_total_limit": int, "eval_steps": int,
@@ -577,6 +593,7 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
         p.add_argument(flag, type=kind, default=default, help=f"default: {default}")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --output")
     p.add_argument("--overwrite", action="store_true", help="start over in an existing --output")
+    p.add_argument("--cpu", action="store_true", help="train on the CPU even when a GPU is present")
     return TrainConfig(**vars(p.parse_args(argv)))
 
 
@@ -589,6 +606,10 @@ def main(argv: list[str] | None = None) -> int:
         result = train(cfg)
     except (DataError, FinetuneError, ModelLoadError) as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except torch.OutOfMemoryError:
+        print(f"error: out of memory at --batch-size {cfg.batch_size}; lower it (raise --grad-accum to keep the "
+              "global batch), shorten --max-source-length, or use --mixed-precision bf16", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

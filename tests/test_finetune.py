@@ -200,6 +200,27 @@ def test_resume_refuses_settings_that_change_the_data_order(tmp_path, tiny_model
     assert result.steps == 1 and not (cfg.output / "checkpoint-2").exists()
 
 
+def test_resume_skips_half_written_checkpoints_and_refuses_incomplete_ones(tmp_path, tiny_model):
+    cfg = config(tmp_path, tiny_model, max_steps=3, save_steps=1)
+    train(cfg)
+    assert not list(cfg.output.glob("*.tmp"))  # every checkpoint was completed and renamed
+    shutil.rmtree(cfg.output / "checkpoint-3")
+    shutil.copytree(cfg.output / "checkpoint-2", cfg.output / "checkpoint-3.tmp")  # a save cut short
+    assert train(replace(cfg, resume=True)).steps == 3
+    assert [r["step"] for r in metrics(cfg.output)] == [1, 2, 3]
+    (cfg.output / "checkpoint-3" / "optimizer.pt").unlink()
+    with pytest.raises(FinetuneError, match=r"checkpoint-3: it lacks optimizer.pt.*delete it"):
+        train(replace(cfg, resume=True))
+
+
+def test_resume_without_a_checkpoint_starts_at_step_zero(tmp_path, tiny_model):
+    cfg = config(tmp_path, tiny_model, max_steps=2)
+    cfg.output.mkdir()
+    (cfg.output / "notes.txt").write_text("mine")
+    assert train(replace(cfg, resume=True)).steps == 2
+    assert (cfg.output / "notes.txt").read_text() == "mine"
+
+
 def test_save_total_limit_keeps_the_newest_checkpoints(tmp_path, tiny_model):
     cfg = config(tmp_path, tiny_model, max_steps=5, save_steps=1, save_total_limit=2)
     train(cfg)
@@ -239,6 +260,9 @@ def test_main_reports_bad_input_in_one_line(tmp_path, tiny_model, capsys):
     assert "--batch-size 0" in capsys.readouterr().err
     assert main(base[:2] + ["--model", str(tmp_path / "nowhere"), "--output", str(tmp_path / "o3")]) == 2
     assert "could not load" in capsys.readouterr().err
+    assert main(base[:4] + ["--output", str(tmp_path / "o4"), "--mixed-precision", "fp16", "--cpu"]) == 2
+    assert "fp16 needs a CUDA GPU" in capsys.readouterr().err
+    assert not any((tmp_path / name).exists() for name in ("o", "o2", "o3", "o4"))  # failed runs leave nothing
 
 
 def test_fine_tuned_output_chats_in_the_cli(tmp_path, tiny_model, capsys, monkeypatch):
