@@ -4,7 +4,7 @@
     accelerate launch -m bianque.finetune --data train.csv --output runs/x --mixed-precision bf16
 
 Text goes through the same cleaning (``bianque.data.clean_text``) and the same tokenizer
-(``bianque.t5.load_tokenizer``) as inference, so training and serving never disagree. Batches are
+(``bianque.t5.V1Tokenizer``, via ``load_questioner``) as inference, so training and serving never disagree. Batches are
 padded to their own longest example; label padding is -100 so it never counts in the loss.
 
 Data order is a pure function of (seed, epoch, rank, world size): ``--resume`` reloads model,
@@ -387,22 +387,12 @@ def make_scheduler(optimizer, cfg: TrainConfig, total_steps: int):
     return get_constant_schedule_with_warmup(optimizer, cfg.warmup_steps)
 
 
-def load_model(directory: Path):
-    """T5 weights in float32 through the v1 loader (loud on missing/mis-shaped tensors), in train mode.
-
-    Mixed precision autocasts on top of this; the master weights and optimizer state stay fp32.
-    """
-    from .t5 import _load_model
-
-    return _load_model(directory, torch.float32).train()
-
-
 def setup(cfg: TrainConfig) -> Run:
     """Check settings, read and tokenize the data, build model/optimizer/scheduler, restore a checkpoint."""
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
-    from .t5 import load_tokenizer
+    from .t5 import load_questioner
 
     check_config(cfg)
     # accelerate only runs CPU processes as one DDP group (gloo) when told cpu=True; without a GPU
@@ -412,14 +402,13 @@ def setup(cfg: TrainConfig) -> Run:
     model_dir = resolve_checkpoint(cfg.model, "BIANQUE_V1_MODEL")
     resume_from = _prepare_output_once(accelerator, cfg, model_dir)
     train_rows, val_rows = load_data(cfg)
-    tokenizer = load_tokenizer(model_dir)
     world = accelerator.num_processes
     per_epoch = steps_per_epoch(len(train_rows), cfg, world)
     total = cfg.max_steps or cfg.epochs * per_epoch
-    model = load_model(resume_from or model_dir)
-    if tokenizer.vocab_size > model.config.vocab_size:
-        raise ModelLoadError(f"{model_dir}: spiece.model has {tokenizer.vocab_size} pieces but the model only "
-                             f"{model.config.vocab_size} embeddings; the tokenizer belongs to another checkpoint")
+    # the v1 loader: loud on missing/mis-shaped tensors and a tokenizer from another checkpoint.
+    # fp32 master weights (and optimizer state); mixed precision autocasts on top.
+    questioner = load_questioner(str(resume_from or model_dir), device="cpu", dtype="float32")
+    model, tokenizer = questioner.model.train(), questioner.tokenizer
     pad_id = model.config.pad_token_id
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = make_scheduler(optimizer, cfg, total)

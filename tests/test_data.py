@@ -186,3 +186,12 @@ def test_write_csv_round_trips_escaped_text(tmp_path):
     rows = [Example('病人：他说"疼"，\\n医生：', "多久了？"), Example("病人：a,b\\n医生：", "c")]
     assert write_csv(tmp_path / "r.csv", rows) == 2
     assert read_csv(tmp_path / "r.csv").examples == rows
+
+
+def test_check_command_reports_counts_only(tmp_path, capsys):
+    path = write(tmp_path, "train.csv", QUIRKY_CSV)
+    assert main(["check", "--data", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "3 examples; skipped 3 rows with an empty input or target (lines 5, 6, 9)" in out and "头疼" not in out
+    assert main(["check", "--data", str(path), "--target-column", "reply"]) == 2
+    assert "no column 'reply'" in capsys.readouterr().err
