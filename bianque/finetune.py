@@ -567,22 +567,38 @@ def _write_json(path: Path, data: dict) -> None:
 
 
 def parse_args(argv: list[str] | None = None) -> TrainConfig:
-    p = argparse.ArgumentParser(prog="bianque-finetune", description="Fine-tune BianQue-1.0 on input,target CSV rows.")
-    p.add_argument("--data", required=True, type=Path, help="training CSV (columns input, target)")
-    p.add_argument("--output", required=True, type=Path, help="directory for checkpoints and the final model")
-    p.add_argument("--model", default=V1_REPO, help="base checkpoint: hub id or local directory")
-    p.add_argument("--val-data", type=Path, help="validation CSV (else the --train-ratio remainder)")
-    defaults = TrainConfig(data=Path(), output=Path())
-    for field in dataclasses.fields(TrainConfig):
-        if field.name in ("data", "output", "model", "val_data", "resume", "overwrite", "cpu"):
-            continue
-        flag, default = "--" + field.name.replace("_", "-"), getattr(defaults, field.name)
-        kind = {"max_steps": int, "save_steps": int, "save_total_limit": int, "eval_steps": int,
-                "mixed_precision": str}.get(field.name, type(default))
-        p.add_argument(flag, type=kind, default=default, help=f"default: {default}")
-    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --output")
-    p.add_argument("--overwrite", action="store_true", help="start over in an existing --output")
-    p.add_argument("--cpu", action="store_true", help="train on the CPU even when a GPU is present")
+    d = TrainConfig(data=Path(), output=Path())  # the defaults, shown in --help
+    p = argparse.ArgumentParser(prog="bianque-finetune", description="Fine-tune BianQue-1.0 on input,target CSV rows "
+                                "(docs/finetuning.md). Several GPUs: accelerate launch -m bianque.finetune ...")
+    add = p.add_argument
+    add("--data", required=True, type=Path, help="training CSV with columns input, target")
+    add("--output", required=True, type=Path, help="directory for checkpoints and the final model")
+    add("--model", default=d.model, help=f"base checkpoint, hub id or local directory (default {d.model})")
+    add("--val-data", type=Path, help="validation CSV (default: the rows --train-ratio leaves out)")
+    add("--input-column", default=d.input_column, help="default: input")
+    add("--target-column", default=d.target_column, help="default: target")
+    add("--max-source-length", type=int, default=d.max_source_length, help="prompt tokens kept, newest first (512)")
+    add("--max-target-length", type=int, default=d.max_target_length, help="reply tokens kept (512)")
+    add("--lr", type=float, default=d.lr, help="AdamW learning rate (5e-5)")
+    add("--weight-decay", type=float, default=d.weight_decay, help="AdamW weight decay (0)")
+    add("--max-grad-norm", type=float, default=d.max_grad_norm, help="gradient clipping, 0 turns it off (1.0)")
+    add("--scheduler", choices=("constant", "linear"), default=d.scheduler, help="after the warm-up (constant)")
+    add("--warmup-steps", type=int, default=d.warmup_steps, help="linear warm-up steps (0)")
+    add("--epochs", type=int, default=d.epochs, help="passes over the data (1)")
+    add("--max-steps", type=int, help="optimizer steps; overrides --epochs")
+    add("--batch-size", type=int, default=d.batch_size, help="examples per process and micro-batch (8)")
+    add("--grad-accum", type=int, default=d.grad_accum, help="micro-batches per optimizer step (1)")
+    add("--mixed-precision", choices=("no", "fp16", "bf16"), help="default: accelerate's setting, else no")
+    add("--seed", type=int, default=d.seed, help="data order, sampling and splits (42)")
+    add("--sample-fraction", type=float, default=d.sample_fraction, help="seeded share of the rows to use (1.0)")
+    add("--train-ratio", type=float, default=d.train_ratio, help="share kept for training, the rest validates (1.0)")
+    add("--save-steps", type=int, help="write checkpoint-<step>/ every N steps")
+    add("--save-total-limit", type=int, help="keep only the newest N checkpoints")
+    add("--eval-steps", type=int, help="validation loss every N steps (always at each epoch end)")
+    add("--log-steps", type=int, default=d.log_steps, help="metrics every N steps (10)")
+    add("--resume", action="store_true", help="continue from the last checkpoint in --output")
+    add("--overwrite", action="store_true", help="start over in an existing --output")
+    add("--cpu", action="store_true", help="train on the CPU even when a GPU is present")
     return TrainConfig(**vars(p.parse_args(argv)))
 
 
