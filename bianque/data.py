@@ -219,7 +219,7 @@ def build_examples(
 
 
 def split(items: Sequence, val_ratio: float, seed: int) -> tuple[list, list]:
-    """Seeded split into (train, validation); whole dialogues go to one side so no prefix leaks."""
+    """Seeded split of ``items`` into (train, validation), each kept in its original order."""
     if not 0.0 <= val_ratio < 1.0:
         raise DataError(f"--val-ratio must be in [0, 1), got {val_ratio}")
     order = list(range(len(items)))
@@ -258,6 +258,7 @@ def run_build(args: argparse.Namespace) -> str:
     if val_ratio > 0 and args.val_out is None:
         raise DataError("--val-ratio needs --val-out to write the validation rows to")
     dialogues = read_dialogues(args.source)
+    # split whole dialogues, not rows: rows of one dialogue share prefixes, which would leak
     train_dialogues, val_dialogues = split(dialogues, val_ratio, args.seed)
     report, seen = BuildReport(), set()
     train = build_examples(train_dialogues, args.min_turns, args.dedupe, seen, report)
