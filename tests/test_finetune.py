@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import shutil
+import subprocess
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -219,6 +221,26 @@ def test_resume_without_a_checkpoint_starts_at_step_zero(tmp_path, tiny_model):
     (cfg.output / "notes.txt").write_text("mine")
     assert train(replace(cfg, resume=True)).steps == 2
     assert (cfg.output / "notes.txt").read_text() == "mine"
+
+
+def test_two_processes_share_the_data_and_resume_needs_the_same_count(tmp_path, tiny_model):
+    """`torchrun --nproc_per_node 2` on CPU: one gloo DDP group, not two independent runs."""
+    cfg = config(tmp_path, tiny_model, max_steps=3, save_steps=2)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "-m", "bianque.finetune", "--data", str(cfg.data), "--model", str(tiny_model), "--output",
+               str(cfg.output), "--batch-size", "2", "--max-steps", "3", "--save-steps", "2", "--log-steps", "1",
+               "--seed", "7", "--lr", "3e-3"]
+    done = subprocess.run(command, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                          timeout=300, cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.count("saved") == 1  # only rank 0 reports
+    # 8 rows over 2 processes x batch 2: 2 steps per epoch, one metrics line per step
+    assert [(r["step"], r["epoch"]) for r in metrics(cfg.output)] == [(1, 0.5), (2, 1.0), (3, 1.5)]
+    checkpoint = cfg.output / "checkpoint-2"
+    assert (checkpoint / "rng-0.pt").is_file() and (checkpoint / "rng-1.pt").is_file()
+    assert json.loads((checkpoint / "trainer_state.json").read_text())["world_size"] == 2
+    with pytest.raises(FinetuneError, match="world size"):
+        train(replace(cfg, resume=True))
 
 
 def test_save_total_limit_keeps_the_newest_checkpoints(tmp_path, tiny_model):
