@@ -492,9 +492,10 @@ class Progress:
         self.started, self.seen = time.perf_counter(), 0
         self.train_loss = self.val_loss = None
         self.eval_step = -1
+        self.done = run.start.step  # optimizer steps completed
 
     def step(self, position: Position, loss: float, examples: int) -> None:
-        run = self.run
+        run, self.done = self.run, position.step
         self.losses.append(loss)
         self.examples += examples * run.accelerator.num_processes
         self.seen += examples * run.accelerator.num_processes
@@ -547,7 +548,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     except KeyboardInterrupt:
         found = checkpoints(cfg.output)
         where = f"--resume continues from {found[-1].name}" if found else "no checkpoint was saved yet (see --save-steps)"
-        log.warning("interrupted at step %d; %s", position.step, where)
+        log.warning("interrupted after %d steps; %s", progress.done, where)
         raise
     finally:
         progress.bar.close()
