@@ -75,7 +75,7 @@ class GLMAdvisor:
         self.tokenizer = tokenizer
         self.source = source
         self.default_params = default_params or V2Params()
-        weight = model.transformer.word_embeddings.weight
+        weight = model.transformer.final_layernorm.weight  # linears may be quantised or packed
         self.device, self.dtype = str(weight.device), dtype_name(weight.dtype)
 
     def fit(self, turns: Sequence[Turn], params: V2Params | None = None) -> Fit:

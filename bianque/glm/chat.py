@@ -41,8 +41,7 @@ def stream_raw(model, tokenizer, prompt: str, max_length: int, params: SamplingP
     ids = tokenizer.encode(prompt)
     if len(ids) >= max_length:
         raise ValueError(f"the prompt is {len(ids)} tokens, no room to answer within max_length={max_length}")
-    device = model.transformer.word_embeddings.weight.device
-    input_ids = torch.tensor([ids], device=device)
+    input_ids = torch.tensor([ids], device=model.input_device)
     new: list[int] = []
     for token in generate_tokens(model, input_ids, max_length - len(ids), params,
                                  processors=processors, generator=generator):

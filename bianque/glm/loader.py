@@ -19,6 +19,7 @@ from safetensors import safe_open
 
 from ..errors import ModelLoadError
 from .config import GLMConfig
+from .cpu_pack import pack_embedding_, pack_linears_, packing_available
 from .model import GLMForCausalLM
 
 log = logging.getLogger(__name__)
@@ -135,9 +136,11 @@ def _load_module(module: torch.nn.Module, prefix: str, index: TensorIndex, dtype
 
 def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | str | None = None,
                quantize: int | None = None, devices: str | list[str] | None = None,
-               max_memory: dict | None = None) -> GLMForCausalLM:
+               max_memory: dict | None = None, pack: bool | None = None) -> GLMForCausalLM:
     """GLMForCausalLM from a checkpoint directory, in `dtype` (default float32) on `device`,
     with weight-only int8/int4 linears when `quantize` is 8 or 4 (or config.quantization_bit).
+    `pack` (default: whenever possible, i.e. bfloat16 on one CPU with oneDNN bf16, unquantised)
+    swaps in prepacked weights for fast decoding (cpu_pack.py).
     `devices` ('cuda:0,cuda:1' or 'auto') spreads whole blocks over several devices instead
     (placement.py; optional per-device `max_memory` budgets)."""
     directory = Path(path)
@@ -154,6 +157,10 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
     stored_bits = config.quantization_bit or None  # a checkpoint written already quantised
     if stored_bits and bits != stored_bits:
         raise ModelLoadError(f"{directory} is stored as int{stored_bits}; it cannot be loaded as int{bits}")
+    can_pack = packing_available(device, dtype) and not bits and devices is None
+    if pack and not can_pack:
+        raise ModelLoadError("packed weights need bfloat16 on one CPU with oneDNN bf16 support, unquantised")
+    pack = can_pack if pack is None else pack
     with torch.device("meta"):
         model = GLMForCausalLM(config)
     if stored_bits:
@@ -171,16 +178,20 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
             raise ModelLoadError(str(err)) from err
     where = (lambda name: device) if device_map is None else (lambda name: module_device(device_map, name))
     _load_module(model.transformer.word_embeddings, "transformer.word_embeddings.", index, dtype, where("transformer.word_embeddings"))
+    model.lm_head.weight = model.transformer.word_embeddings.weight  # re-tie after assign=True
+    if pack:  # now, so the plain and the packed embedding never coexist with all the blocks
+        pack_embedding_(model)
     _load_module(model.transformer.final_layernorm, "transformer.final_layernorm.", index, dtype, where("transformer.final_layernorm"))
     for i, block in enumerate(model.transformer.layers):
         _load_module(block, f"transformer.layers.{i}.", index, dtype, where(f"transformer.layers.{i}"))
         if bits and not stored_bits:
             from .quant import quantize_block_  # engineer F's module; only needed when quantising
             quantize_block_(block, bits)
-    model.lm_head.weight = model.transformer.word_embeddings.weight  # re-tie after assign=True
+        elif pack:
+            pack_linears_(block)
     if device_map is not None:
         from .placement import dispatch
         dispatch(model, device_map)
-    log.info("loaded ChatGLM checkpoint: layers=%d hidden=%d dtype=%s device=%s quantize=%s",
-             config.num_layers, config.hidden_size, dtype, device, bits)
+    log.info("loaded ChatGLM checkpoint: layers=%d hidden=%d dtype=%s device=%s quantize=%s packed=%s",
+             config.num_layers, config.hidden_size, dtype, device, bits, pack)
     return model.requires_grad_(False).eval()

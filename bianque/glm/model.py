@@ -270,17 +270,24 @@ class GLMForCausalLM(nn.Module):
         logits = self.lm_head(h)
         return GLMOutput(logits, tuple(hidden) if output_hidden_states else None)
 
+    @property
+    def input_device(self) -> torch.device:
+        """Where input ids go: the embedding's device (a packed embedding has no parameters)."""
+        return next(self.transformer.word_embeddings.parameters(), self.transformer.final_layernorm.weight).device
+
     def new_caches(self, batch: int, capacity: int) -> list[KVCache]:
-        """One empty KVCache per layer, in the dtype and on the device of the weights."""
-        weight = self.transformer.word_embeddings.weight
+        """One empty KVCache per layer, in the compute dtype and on the device of the model
+        (read from a LayerNorm: linears may be swapped for quantised or packed modules)."""
+        weight = self.transformer.final_layernorm.weight
         c = self.config
         return [KVCache(batch, c.num_attention_heads, capacity, c.head_dim, weight.dtype, weight.device)
                 for _ in range(c.num_layers)]
 
     @classmethod
-    def from_pretrained(cls, path, device="cpu", dtype=None, quantize=None) -> GLMForCausalLM:
+    def from_pretrained(cls, path, device="cpu", dtype=None, quantize=None, **options) -> GLMForCausalLM:
+        """Load a checkpoint directory; `options` are load_model's (devices, max_memory, pack)."""
         from .loader import load_model
-        return load_model(path, device=device, dtype=dtype, quantize=quantize)
+        return load_model(path, device=device, dtype=dtype, quantize=quantize, **options)
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 20, do_sample: bool = False,

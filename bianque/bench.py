@@ -1,0 +1,211 @@
+"""Speed and memory of the native ChatGLM on random weights: `python -m bianque.bench glm --preset mid`.
+
+Prints prefill tokens/s, decode tokens/s, time to first token, peak memory, and the bytes of
+weights read per decoded token divided by the decode time (effective GB/s) next to this
+machine's measured matrix-vector bandwidth: single-token decoding is memory-bound, so that ratio
+says how close the generator gets to the hardware. `--json` prints one JSON object instead.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import resource
+import sys
+import time
+from dataclasses import dataclass, replace
+
+import torch
+
+from .glm.config import GLMConfig
+from .glm.cpu_pack import PackedRows, pack_embedding_, pack_linears_, packing_available
+from .glm.generate import generate_tokens
+from .glm.model import GLMForCausalLM
+
+PRESETS = {
+    "mid": GLMConfig(hidden_size=1024, num_attention_heads=16, num_layers=4, inner_hidden_size=4096),
+    "6b": GLMConfig(),  # BianQue-2's real shape
+}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+INIT_CHUNK_ELEMENTS = 1 << 24  # fill weights 16M values at a time: no full-size temporaries
+GB = 1e9
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    preset: str = "mid"
+    dtype: str = "float32"
+    device: str = "cpu"
+    prompt_tokens: int = 128
+    new_tokens: int = 32
+    matvec_mb: int = 512
+    repeats: int = 3
+    pack: bool = True
+
+
+def _fill_(tensor: torch.Tensor, bound: float, generator: torch.Generator) -> None:
+    flat = tensor.view(-1)
+    for start in range(0, flat.numel(), INIT_CHUNK_ELEMENTS):
+        flat[start:start + INIT_CHUNK_ELEMENTS].uniform_(-bound, bound, generator=generator)
+
+
+def random_model(config: GLMConfig, dtype: torch.dtype, device: torch.device, pack: bool, seed: int = 0) -> GLMForCausalLM:
+    """A model of the given shape, allocated directly in `dtype` on `device` (never a float32
+    copy: the 6B shape would need 25 GB) and filled with small random values chunk by chunk.
+    With `pack`, weights are packed as the loader packs them, the embedding first and then one
+    block at a time, so plain and packed copies of the whole model never coexist."""
+    with torch.device("meta"):
+        model = GLMForCausalLM(config).to(dtype)
+    model = model.to_empty(device=device).requires_grad_(False)
+    model.lm_head.weight = model.transformer.word_embeddings.weight  # to_empty unties shared parameters
+    generator = torch.Generator(device=device).manual_seed(seed)
+    scale = 1.0 / math.sqrt(config.hidden_size)
+    _fill_(model.transformer.word_embeddings.weight, scale, generator)
+    if pack:
+        pack_embedding_(model)
+    for module in [*model.transformer.layers, model.transformer.final_layernorm]:
+        for name, param in module.named_parameters():
+            _fill_(param, 1.0 if name.endswith("layernorm.weight") or name == "weight" else scale, generator)
+        if pack and module is not model.transformer.final_layernorm:
+            pack_linears_(module)
+    return model.eval()
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matvec_gbps(dtype: torch.dtype, device: torch.device, megabytes: int, repeats: int, pack: bool) -> float:
+    """Bandwidth of the decode kernel (F.linear, or the packed kernel when packing) on one token
+    over a matrix far larger than the caches: the best this machine does for a weight read."""
+    cols = 4096
+    rows = megabytes * 2**20 // (cols * torch.finfo(dtype).bits // 8)
+    weight = torch.empty(rows, cols, dtype=dtype, device=device).uniform_(-0.01, 0.01)
+    size = weight.numel() * weight.element_size()
+    x = torch.randn(1, cols, dtype=dtype, device=device)
+    if pack:
+        packed = PackedRows.from_weight(weight, rows)
+        del weight
+        matvec = lambda: packed.project(x)  # noqa: E731
+    else:
+        matvec = lambda: torch.nn.functional.linear(x, weight)  # noqa: E731
+    matvec()  # warm-up
+    best = float("inf")
+    for _ in range(max(repeats, 3) * 3):
+        synchronize(device)
+        start = time.perf_counter()
+        matvec()
+        synchronize(device)
+        best = min(best, time.perf_counter() - start)
+    return size / best / GB
+
+
+def weight_bytes(model: GLMForCausalLM) -> int:
+    """Bytes read per decoded token: every unique weight (the tied head reads the whole
+    embedding matrix once; the embedding lookup itself reads one row). Computed from the
+    shapes, so it holds for plain and packed modules alike."""
+    c = model.config
+    per_layer = 4 * c.hidden_size + 3 * c.hidden_size * (c.hidden_size + 1) + c.hidden_size * (c.hidden_size + 1) \
+        + c.inner_hidden_size * (c.hidden_size + 1) + c.hidden_size * (c.inner_hidden_size + 1)
+    count = c.vocab_size * c.hidden_size + c.num_layers * per_layer + 2 * c.hidden_size
+    return count * model.transformer.final_layernorm.weight.element_size()
+
+
+def prompt_ids(config: GLMConfig, length: int, device: torch.device) -> torch.Tensor:
+    """Random text ids ending `[gMASK] <sop>`, like every encoded prompt."""
+    ids = torch.randint(10, min(config.vocab_size, 60000), (1, length), generator=torch.Generator().manual_seed(1))
+    ids[0, -2:] = torch.tensor([config.gmask_token_id, config.bos_token_id])
+    return ids.to(device)
+
+
+def time_generation(model: GLMForCausalLM, ids: torch.Tensor, new_tokens: int, device: torch.device) -> tuple[float, float]:
+    """(time to first token, seconds per later token), greedy, through the real generator."""
+    stamps = []
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in generate_tokens(model, ids, new_tokens):
+        synchronize(device)
+        stamps.append(time.perf_counter())
+    ttft = stamps[0] - start
+    return ttft, (stamps[-1] - stamps[0]) / max(len(stamps) - 1, 1)
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / GB
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GB  # ru_maxrss is KiB on Linux
+
+
+def run_glm(cfg: BenchConfig) -> dict:
+    device, dtype = torch.device(cfg.device), DTYPES[cfg.dtype]
+    config = PRESETS[cfg.preset]
+    pack = cfg.pack and packing_available(device, dtype)
+    matvec = matvec_gbps(dtype, device, cfg.matvec_mb, cfg.repeats, pack)
+    model = random_model(config, dtype, device, pack)
+    ids = prompt_ids(config, cfg.prompt_tokens, device)
+    time_generation(model, ids[:, -16:], 3, device)  # warm-up: kernels, allocator
+    runs = [time_generation(model, ids, cfg.new_tokens, device) for _ in range(cfg.repeats)]
+    ttft = min(r[0] for r in runs)
+    per_token = min(r[1] for r in runs)
+    size = weight_bytes(model)
+    return {
+        "preset": cfg.preset, "dtype": cfg.dtype, "device": str(device), "threads": torch.get_num_threads(),
+        "packed": pack, "parameters": size // model.transformer.final_layernorm.weight.element_size(),
+        "weights_gb": size / GB, "prompt_tokens": cfg.prompt_tokens, "new_tokens": cfg.new_tokens,
+        "prefill_tokens_per_s": cfg.prompt_tokens / ttft, "ttft_s": ttft,
+        "decode_tokens_per_s": 1.0 / per_token, "effective_gbps": size / per_token / GB,
+        "matvec_gbps": matvec, "decode_vs_matvec": size / per_token / GB / matvec,
+        "peak_memory_gb": peak_memory_gb(device),
+    }
+
+
+def report(result: dict) -> str:
+    return "\n".join([
+        f"ChatGLM {result['preset']} ({result['parameters'] / 1e6:.0f}M parameters, {result['weights_gb']:.2f} GB) "
+        f"in {result['dtype']} on {result['device']} ({result['threads']} threads"
+        f"{', packed weights' if result['packed'] else ''})",
+        f"  prefill  {result['prefill_tokens_per_s']:10.1f} tokens/s  ({result['prompt_tokens']}-token prompt)",
+        f"  TTFT     {result['ttft_s']:10.3f} s",
+        f"  decode   {result['decode_tokens_per_s']:10.2f} tokens/s",
+        f"  weights read per token / decode time: {result['effective_gbps']:.1f} GB/s "
+        f"= {100 * result['decode_vs_matvec']:.0f}% of measured matrix-vector bandwidth {result['matvec_gbps']:.1f} GB/s",
+        f"  peak memory {result['peak_memory_gb']:.2f} GB ({'max_memory_allocated' if result['device'].startswith('cuda') else 'RSS'})",
+    ])
+
+
+def parse_args(argv: list[str] | None) -> tuple[BenchConfig, bool]:
+    parser = argparse.ArgumentParser(prog="python -m bianque.bench", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="what", required=True)
+    glm = sub.add_parser("glm", help="native ChatGLM-6B (BianQue-2) on random weights")
+    glm.add_argument("--preset", choices=sorted(PRESETS), default="mid")
+    glm.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    glm.add_argument("--device", default="cpu")
+    glm.add_argument("--prompt-tokens", type=int, default=None, help="default 128 (mid) / 64 (6b)")
+    glm.add_argument("--new-tokens", type=int, default=None, help="default 32 (mid) / 12 (6b)")
+    glm.add_argument("--repeats", type=int, default=None, help="default 3 (mid) / 1 (6b)")
+    glm.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    glm.add_argument("--no-pack", action="store_true", help="plain F.linear even where packed bf16 weights work")
+    glm.add_argument("--json", action="store_true", help="print one JSON object")
+    args = parser.parse_args(argv)
+    big = args.preset == "6b"
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg = BenchConfig(preset=args.preset, dtype=args.dtype, device=args.device, pack=not args.no_pack)
+    cfg = replace(cfg, prompt_tokens=args.prompt_tokens or (64 if big else 128),
+                  new_tokens=args.new_tokens or (12 if big else 32), repeats=args.repeats or (1 if big else 3),
+                  matvec_mb=256 if big else 512)
+    if cfg.prompt_tokens < 2 or cfg.new_tokens < 2:
+        parser.error("--prompt-tokens and --new-tokens must be at least 2")
+    return cfg, args.json
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg, as_json = parse_args(argv)
+    result = run_glm(cfg)
+    print(json.dumps(result) if as_json else report(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
