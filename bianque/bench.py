@@ -184,6 +184,7 @@ def parse_args(argv: list[str] | None) -> tuple[BenchConfig, bool]:
     glm.add_argument("--prompt-tokens", type=int, default=None, help="default 128 (mid) / 64 (6b)")
     glm.add_argument("--new-tokens", type=int, default=None, help="default 32 (mid) / 12 (6b)")
     glm.add_argument("--repeats", type=int, default=None, help="default 3 (mid) / 1 (6b)")
+    glm.add_argument("--matvec-mb", type=int, default=None, help="bandwidth probe matrix size (default 512 / 256 for 6b)")
     glm.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     glm.add_argument("--no-pack", action="store_true", help="plain F.linear even where packed bf16 weights work")
     glm.add_argument("--json", action="store_true", help="print one JSON object")
@@ -194,7 +195,7 @@ def parse_args(argv: list[str] | None) -> tuple[BenchConfig, bool]:
     cfg = BenchConfig(preset=args.preset, dtype=args.dtype, device=args.device, pack=not args.no_pack)
     cfg = replace(cfg, prompt_tokens=args.prompt_tokens or (64 if big else 128),
                   new_tokens=args.new_tokens or (12 if big else 32), repeats=args.repeats or (1 if big else 3),
-                  matvec_mb=256 if big else 512)
+                  matvec_mb=args.matvec_mb or (256 if big else 512))
     if cfg.prompt_tokens < 2 or cfg.new_tokens < 2:
         parser.error("--prompt-tokens and --new-tokens must be at least 2")
     return cfg, args.json
