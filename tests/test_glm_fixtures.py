@@ -25,8 +25,12 @@ ICE_TEXT_SHA256 = "5e974d9a69c242ce014c88c2b26089270f6198f3c0b700a887666cd3e816f
 
 
 def fixtures() -> Path:
+    """BIANQUE_GLM_FIXTURES if set, else ../shared/glm_reference; skips the test when absent."""
     if os.environ.get("BIANQUE_GLM_FIXTURES"):
-        return Path(os.environ["BIANQUE_GLM_FIXTURES"])
+        path = Path(os.environ["BIANQUE_GLM_FIXTURES"])
+        if not path.is_dir():
+            pytest.skip(f"BIANQUE_GLM_FIXTURES={path} is not a directory")
+        return path
     return shared_dir("glm_reference")
 
 
