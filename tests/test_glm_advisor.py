@@ -151,3 +151,10 @@ def test_load_advisor_errors_are_clear(tmp_path, tiny_dir):
         load_advisor(str(tmp_path / "nowhere"))
     with pytest.raises(ModelLoadError, match="ice_text.model"):
         load_advisor(str(tmp_path))
+
+
+def test_chat_refuses_options_it_does_not_implement(advisor):
+    with pytest.raises(TypeError, match="repetition_penalty"):
+        advisor.model.chat(advisor.tokenizer, "你好", repetition_penalty=1.2)
+    with pytest.raises(ValueError, match="num_beams"):
+        advisor.model.chat(advisor.tokenizer, "你好", num_beams=4)

@@ -56,12 +56,15 @@ def _params(do_sample: bool, top_p: float, temperature: float, top_k: int) -> Sa
 def stream_chat(model, tokenizer, query: str, history: Sequence[tuple[str, str]] | None = None,
                 max_length: int = 2048, num_beams: int = 1, do_sample: bool = True, top_p: float = 0.7,
                 temperature: float = 0.95, logits_processor: Iterable[LogitsProcessor] | None = None,
-                top_k: int = 50, generator: torch.Generator | None = None, **_ignored,
+                top_k: int = 50, generator: torch.Generator | None = None, **unsupported,
                 ) -> Iterator[tuple[str, list[tuple[str, str]]]]:
     """Yield `(response_so_far, history + [(query, response_so_far)])` after EVERY step. Unlike
-    the reference, the step that ends generation (eos or max_length) is yielded too."""
+    the reference, the step that ends generation (eos or max_length) is yielded too. Other
+    generate() options of the reference (repetition_penalty, ...) are not supported: refused."""
     if num_beams != 1:
         raise ValueError("only num_beams=1 is supported (BianQue never used beam search)")
+    if unsupported:
+        raise TypeError(f"unsupported generation options: {', '.join(sorted(unsupported))}")
     history = list(history or [])
     prompt = build_chat_prompt(query, history)
     for raw in stream_raw(model, tokenizer, prompt, max_length, _params(do_sample, top_p, temperature, top_k),
