@@ -4,23 +4,32 @@ Prints prefill tokens/s, decode tokens/s, time to first token, peak memory, and 
 weights read per decoded token divided by the decode time (effective GB/s) next to this
 machine's measured matrix-vector bandwidth: single-token decoding is memory-bound, so that ratio
 says how close the generator gets to the hardware. `--json` prints one JSON object instead.
+`--quantize 8|4` swaps the block linears for int8/int4 ones, block by block as they are filled;
+`--checkpoint DIR` loads real files instead (and reports the load time); `--consultation 30`
+then runs a 30-turn consultation through the advisor and reports memory when the dialogue first
+fills `--max-length` and after the last turn (both must be equal: the prompt and KV cache are
+bounded by max_length, whatever the dialogue's length).
 """
 from __future__ import annotations
 
 import argparse
+import ctypes
+import gc
 import json
 import math
 import resource
 import sys
 import time
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import torch
 
 from .glm.config import GLMConfig
-from .glm.cpu_pack import PackedRows, pack_embedding_, pack_linears_, packing_available
+from .glm.cpu_pack import PackedEmbedding, PackedRows, pack_embedding_, pack_linears_, packing_available
 from .glm.generate import generate_tokens
 from .glm.model import GLMForCausalLM
+from .glm.quant import quantize_block_
 
 PRESETS = {
     "mid": GLMConfig(hidden_size=1024, num_attention_heads=16, num_layers=4, inner_hidden_size=4096),
@@ -41,6 +50,11 @@ class BenchConfig:
     matvec_mb: int = 512
     repeats: int = 3
     pack: bool = True
+    quantize: int | None = None
+    checkpoint: str | None = None
+    consultation: int = 0
+    max_length: int = 512
+    tokenizer: str | None = None
 
 
 def _fill_(tensor: torch.Tensor, bound: float, generator: torch.Generator) -> None:
@@ -49,7 +63,8 @@ def _fill_(tensor: torch.Tensor, bound: float, generator: torch.Generator) -> No
         flat[start:start + INIT_CHUNK_ELEMENTS].uniform_(-bound, bound, generator=generator)
 
 
-def random_model(config: GLMConfig, dtype: torch.dtype, device: torch.device, pack: bool, seed: int = 0) -> GLMForCausalLM:
+def random_model(config: GLMConfig, dtype: torch.dtype, device: torch.device, pack: bool, seed: int = 0,
+                 quantize: int | None = None) -> GLMForCausalLM:
     """A model of the given shape, allocated directly in `dtype` on `device` (never a float32
     copy: the 6B shape would need 25 GB) and filled with small random values chunk by chunk.
     With `pack`, weights are packed as the loader packs them, the embedding first and then one
@@ -66,7 +81,9 @@ def random_model(config: GLMConfig, dtype: torch.dtype, device: torch.device, pa
     for module in [*model.transformer.layers, model.transformer.final_layernorm]:
         for name, param in module.named_parameters():
             _fill_(param, 1.0 if name.endswith("layernorm.weight") or name == "weight" else scale, generator)
-        if pack and module is not model.transformer.final_layernorm:
+        if quantize and module is not model.transformer.final_layernorm:
+            quantize_block_(module, quantize)  # now: the full-precision blocks never coexist
+        elif pack and module is not model.transformer.final_layernorm:
             pack_linears_(module)
     return model.eval()
 
@@ -109,7 +126,14 @@ def weight_bytes(model: GLMForCausalLM) -> int:
     per_layer = 4 * c.hidden_size + 3 * c.hidden_size * (c.hidden_size + 1) + c.hidden_size * (c.hidden_size + 1) \
         + c.inner_hidden_size * (c.hidden_size + 1) + c.hidden_size * (c.inner_hidden_size + 1)
     count = c.vocab_size * c.hidden_size + c.num_layers * per_layer + 2 * c.hidden_size
-    return count * model.transformer.final_layernorm.weight.element_size()
+    size = count * model.transformer.final_layernorm.weight.element_size()
+    bits = getattr(model.transformer.layers[0].mlp.dense_h_to_4h, "bits", None)
+    if bits:  # the four block linears hold bits/8 bytes per weight, plus one scale per output row
+        element = model.transformer.final_layernorm.weight.element_size()
+        linear = 4 * c.hidden_size * c.hidden_size + 2 * c.inner_hidden_size * c.hidden_size
+        scales = 5 * c.hidden_size + c.inner_hidden_size
+        size += c.num_layers * (scales * element - linear * (element - bits / 8))
+    return int(size)
 
 
 def prompt_ids(config: GLMConfig, length: int, device: torch.device) -> torch.Tensor:
@@ -137,12 +161,87 @@ def peak_memory_gb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GB  # ru_maxrss is KiB on Linux
 
 
+def heap_in_use_gb() -> float | None:
+    """Bytes malloc has handed out and not taken back (glibc's mallinfo2): live tensors and
+    objects, without the freed pages the allocator keeps cached, which RSS also counts."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
+    fields = ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")
+    info = type("MallInfo2", (ctypes.Structure,), {"_fields_": [(f, ctypes.c_size_t) for f in fields]})
+    if not hasattr(libc, "mallinfo2"):
+        return None
+    libc.mallinfo2.restype = info
+    m = libc.mallinfo2()
+    return (m.uordblks + m.hblkhd) / GB
+
+
+def current_rss_gb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize() / GB
+
+
+# Synthetic patient text (no real dialogue): long enough that the budget is reached after a few turns.
+CONSULTATION_MESSAGE = "第{}次描述：最近头疼、失眠、胃口不好，晚上总是醒来，白天没有精神，已经持续了好几周，请问该怎么办？"
+
+
+def run_consultation(model: GLMForCausalLM, tokenizer_dir: str, turns: int, max_length: int, device: torch.device) -> dict:
+    """Memory over a `turns`-turn consultation through the real advisor (greedy, replies cut
+    to 60 characters as a doctor's turn): the dialogue keeps growing, the prompt is fitted into
+    max_length by dropping the oldest turns, so memory must stop growing once the budget is hit."""
+    from .glm.advisor import GLMAdvisor, V2Params
+    from .glm.tokenizer import GLMTokenizer
+    from .prompt import DOCTOR, PATIENT, Turn
+    from .sampling import SamplingParams
+
+    params = V2Params(sampling=SamplingParams(do_sample=False), max_length=max_length,
+                      min_answer_tokens=max(1, max_length // 8))
+    advisor = GLMAdvisor(model, GLMTokenizer.from_pretrained(tokenizer_dir), "random", params)
+
+    def memory() -> float:
+        return peak_memory_gb(device) if device.type == "cuda" else heap_in_use_gb() or current_rss_gb()
+
+    dialogue, at_budget, trace = [], None, []
+    for turn in range(1, turns + 1):
+        dialogue.append(Turn(PATIENT, CONSULTATION_MESSAGE.format(turn)))
+        fitted = advisor.fit(dialogue)
+        gc.collect()  # garbage from earlier turns is not memory the dialogue holds
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        pieces, peak = [], memory()
+        for piece in advisor.reply(dialogue):  # sampled while the KV cache is alive: the turn's peak
+            pieces.append(piece)
+            peak = max(peak, memory())
+        dialogue.append(Turn(DOCTOR, "".join(pieces)[:60] or "请多休息。"))
+        trace.append(peak)
+        if at_budget is None and fitted.changed:
+            at_budget = turn
+    return {"consultation_turns": turns, "consultation_max_length": max_length, "budget_first_reached_turn": at_budget,
+            # each turn's peak: the highest up to the turn that first filled the budget vs every later one
+            "memory_at_budget_gb": max(trace[:at_budget]) if at_budget else None,
+            "memory_after_budget_gb": max(trace[at_budget:]) if at_budget and at_budget < turns else None,
+            "memory_last_turn_gb": trace[-1],
+            "memory_measure": "max_memory_allocated" if device.type == "cuda" else "malloc in use (mallinfo2)",
+            "rss_after_last_turn_gb": current_rss_gb(), "memory_per_turn_gb": trace}
+
+
 def run_glm(cfg: BenchConfig) -> dict:
     device, dtype = torch.device(cfg.device), DTYPES[cfg.dtype]
     config = PRESETS[cfg.preset]
-    pack = cfg.pack and packing_available(device, dtype)
+    pack = cfg.pack and packing_available(device, dtype) and not cfg.quantize
     matvec = matvec_gbps(dtype, device, cfg.matvec_mb, cfg.repeats, pack)
-    model = random_model(config, dtype, device, pack)
+    load_s = None
+    if cfg.checkpoint:
+        from .glm.loader import load_model
+
+        start = time.perf_counter()
+        model = load_model(cfg.checkpoint, device=device, dtype=dtype, quantize=cfg.quantize)
+        load_s = time.perf_counter() - start
+        config, pack = model.config, isinstance(model.transformer.word_embeddings, PackedEmbedding)
+    else:
+        model = random_model(config, dtype, device, pack, quantize=cfg.quantize)
+    load_peak = peak_memory_gb(device)
     ids = prompt_ids(config, cfg.prompt_tokens, device)
     time_generation(model, ids[:, -16:], 3, device)  # warm-up: kernels, allocator
     runs = [time_generation(model, ids, cfg.new_tokens, device) for _ in range(cfg.repeats)]
@@ -156,7 +255,10 @@ def run_glm(cfg: BenchConfig) -> dict:
         "prefill_tokens_per_s": cfg.prompt_tokens / ttft, "ttft_s": ttft,
         "decode_tokens_per_s": 1.0 / per_token, "effective_gbps": size / per_token / GB,
         "matvec_gbps": matvec, "decode_vs_matvec": size / per_token / GB / matvec,
-        "peak_memory_gb": peak_memory_gb(device),
+        "peak_memory_gb": peak_memory_gb(device), "quantize": cfg.quantize,
+        "checkpoint": cfg.checkpoint, "load_s": load_s, "peak_memory_after_load_gb": load_peak,
+        **(run_consultation(model, cfg.tokenizer or cfg.checkpoint, cfg.consultation, cfg.max_length, device)
+           if cfg.consultation else {}),
     }
 
 
@@ -171,6 +273,13 @@ def report(result: dict) -> str:
         f"  weights read per token / decode time: {result['effective_gbps']:.1f} GB/s "
         f"= {100 * result['decode_vs_matvec']:.0f}% of measured matrix-vector bandwidth {result['matvec_gbps']:.1f} GB/s",
         f"  peak memory {result['peak_memory_gb']:.2f} GB ({'max_memory_allocated' if result['device'].startswith('cuda') else 'RSS'})",
+        *([f"  loaded {result['checkpoint']} in {result['load_s']:.1f} s "
+           f"(peak memory after loading {result['peak_memory_after_load_gb']:.2f} GB)"] if result["load_s"] is not None else []),
+        *([f"  {result['consultation_turns']}-turn consultation, max_length {result['consultation_max_length']}: budget "
+           f"first reached at turn {result['budget_first_reached_turn']}; peak memory up to then "
+           f"{result['memory_at_budget_gb']} GB, in every later turn at most {result['memory_after_budget_gb']} GB "
+           f"({result['memory_measure']})"]
+          if "consultation_turns" in result else []),
     ])
 
 
@@ -187,12 +296,22 @@ def parse_args(argv: list[str] | None) -> tuple[BenchConfig, bool]:
     glm.add_argument("--matvec-mb", type=int, default=None, help="bandwidth probe matrix size (default 512 / 256 for 6b)")
     glm.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     glm.add_argument("--no-pack", action="store_true", help="plain F.linear even where packed bf16 weights work")
+    glm.add_argument("--quantize", type=int, choices=(4, 8), help="weight-only int8/int4 block linears")
+    glm.add_argument("--checkpoint", help="load this checkpoint directory instead of random weights (reports load time)")
+    glm.add_argument("--consultation", type=int, default=0, metavar="TURNS",
+                     help="then run a consultation of this many turns and report its memory (e.g. 30)")
+    glm.add_argument("--max-length", type=int, default=512, help="the consultation's max_length (default 512)")
+    glm.add_argument("--tokenizer", help="directory with ice_text.model + tokenizer_config.json (default: --checkpoint)")
     glm.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args(argv)
     big = args.preset == "6b"
     if args.threads:
         torch.set_num_threads(args.threads)
-    cfg = BenchConfig(preset=args.preset, dtype=args.dtype, device=args.device, pack=not args.no_pack)
+    if args.consultation and not (args.tokenizer or args.checkpoint):
+        parser.error("--consultation needs --tokenizer DIR (or --checkpoint DIR)")
+    cfg = BenchConfig(preset=args.preset, dtype=args.dtype, device=args.device, pack=not args.no_pack,
+                      quantize=args.quantize, checkpoint=args.checkpoint, consultation=args.consultation,
+                      max_length=args.max_length, tokenizer=args.tokenizer)
     cfg = replace(cfg, prompt_tokens=args.prompt_tokens or (64 if big else 128),
                   new_tokens=args.new_tokens or (12 if big else 32), repeats=args.repeats or (1 if big else 3),
                   matvec_mb=args.matvec_mb or (256 if big else 512))

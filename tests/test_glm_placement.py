@@ -113,3 +113,25 @@ def test_two_gpus_split_a_tiny_model(tmp_path):
     for layer, cache in zip(model.transformer.layers, caches):
         assert cache.keys.device == layer.input_layernorm.weight.device   # the cache follows its layer
     assert torch.equal(model.generate(ids.cuda(), max_new_tokens=4).cpu(), reference.generate(ids, max_new_tokens=4))
+
+
+# --- long dialogues: memory is bounded by max_length -------------------------------------------
+
+def test_consultation_memory_stops_growing_once_the_budget_is_reached(tmp_path):
+    """12 turns through the real advisor (the benchmark runs 30): after the dialogue first fills
+    max_length, no later turn's peak memory is higher. An unbounded prompt would add ~50 tokens
+    of KV cache per turn (2 x 4 layers x 256 x 4 bytes = 8 kB per token, ~4 MB over the later
+    turns); what remains is allocator noise and shape-keyed kernel caches (< 0.5 MB measured)."""
+    from bianque import bench
+
+    checkpoint = build_tiny_glm(tmp_path)
+    tiny = GLMConfig.from_json(checkpoint)
+    config = GLMConfig(**{**{f: getattr(tiny, f) for f in ("vocab_size", "bos_token_id", "eos_token_id",
+                                                            "mask_token_id", "gmask_token_id", "pad_token_id")},
+                          "hidden_size": 256, "num_attention_heads": 4, "num_layers": 4, "inner_hidden_size": 256})
+    model = bench.random_model(config, torch.float32, torch.device("cpu"), pack=False)
+    result = bench.run_consultation(model, str(checkpoint), turns=12, max_length=128, device=torch.device("cpu"))
+    assert 1 < result["budget_first_reached_turn"] < 6
+    growth = result["memory_after_budget_gb"] - result["memory_at_budget_gb"]
+    assert growth * GB < 1.5e6, f"memory grew by {growth * GB / 1e6:.1f} MB after the budget was reached"
+    assert len(result["memory_per_turn_gb"]) == 12

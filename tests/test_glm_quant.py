@@ -289,3 +289,31 @@ def test_quantized_model_generates_with_its_kv_cache(bits, dtype):
         for _ in range(3):
             seq = torch.cat([seq, model(seq).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
     assert torch.equal(out[:, :seq.shape[1]], seq)
+
+
+# --- the benchmark's --quantize ---------------------------------------------------------------
+
+@pytest.mark.parametrize("bits", [None, 8, 4])
+def test_bench_random_model_quantizes_block_by_block_and_counts_its_bytes(bits, capsys):
+    import json
+
+    from bianque import bench
+    from bianque.glm import GLMConfig
+
+    config = GLMConfig(vocab_size=300, hidden_size=64, num_attention_heads=4, num_layers=2, inner_hidden_size=96,
+                       mask_token_id=290, gmask_token_id=291, bos_token_id=294, eos_token_id=295)
+    model = bench.random_model(config, torch.float32, torch.device("cpu"), pack=False, quantize=bits)
+    stored = model.state_dict()
+    stored.pop("lm_head.weight")   # tied: the embedding's tensor
+    assert bench.weight_bytes(model) == sum(t.numel() * t.element_size() for t in stored.values())
+    assert all(isinstance(model.transformer.layers[i].attention.dense, QuantLinear) == bool(bits) for i in range(2))
+    bench.PRESETS["test-tiny"] = config
+    try:
+        argv = ["glm", "--preset", "test-tiny", "--prompt-tokens", "8", "--new-tokens", "3", "--repeats", "1",
+                "--matvec-mb", "4", "--json"] + (["--quantize", str(bits)] if bits else [])
+        assert bench.main(argv) == 0
+    finally:
+        del bench.PRESETS["test-tiny"]
+    result = json.loads(capsys.readouterr().out)
+    assert result["quantize"] == bits and result["decode_tokens_per_s"] > 0
+    assert result["weights_gb"] * 1e9 == pytest.approx(bench.weight_bytes(model))
