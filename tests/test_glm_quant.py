@@ -44,7 +44,9 @@ def test_pack_int4_rejects_odd_width():
 def test_quantize_weight_is_symmetric_per_row(bits):
     w = torch.randn(24, 40)
     w[3] = 0.0                                                        # an all-zero row must not divide by 0
+    original = w.clone()
     q, scale = quantize_weight(w, bits, torch.float32)
+    assert torch.equal(w, original)                                   # the input is never modified
     level = 2 ** (bits - 1) - 1
     assert q.dtype == torch.int8 and q.abs().max() == level
     torch.testing.assert_close(scale, w.abs().amax(dim=1) / level)

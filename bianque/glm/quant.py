@@ -67,11 +67,11 @@ def quantize_weight(weight: torch.Tensor, bits: int, scale_dtype: torch.dtype) -
     rows = max(1, QUANTIZE_CHUNK_ELEMENTS // max(1, weight.shape[1]))
     qs, scales = [], []
     for chunk in weight.split(rows):
-        w = chunk.float()
-        scale = (w.abs().amax(dim=1) / level).to(scale_dtype)
+        scale = (chunk.abs().amax(dim=1).float() / level).to(scale_dtype)   # max|w| is exact in any dtype
         s = scale.float().unsqueeze(1)
-        q = torch.where(s > 0, torch.round(w / s.clamp_min(torch.finfo(torch.float32).tiny)), 0.0)
-        qs.append(q.clamp_(-level, level).to(torch.int8))
+        w = chunk.to(torch.float32, copy=True)   # one float32 copy (never the caller's), then in place
+        w.div_(torch.where(s > 0, s, 1.0)).round_().clamp_(-level, level)
+        qs.append(w.to(torch.int8))
         scales.append(scale)
     return torch.cat(qs), torch.cat(scales)
 
@@ -122,16 +122,19 @@ def _scales_and_zeros(scale: torch.Tensor, in_features: int) -> torch.Tensor:
     return torch.stack([s, torch.zeros_like(s)], dim=-1).contiguous()
 
 
-def _pack_cpu_int4(q: torch.Tensor) -> torch.Tensor:
-    # torch's CPU kernel wants unsigned nibbles: value + 8, as int32 [out, in].
-    return torch.ops.aten._convert_weight_to_int4pack_for_cpu((q.to(torch.int32) + 8).contiguous(), 1)
+# torch's int4 kernels take unsigned nibbles (q + 8). For a 4-bit two's complement nibble,
+# XOR 8 is exactly +8, so both packers start from the reference bytes without unpacking to q.
+
+def _pack_cpu_int4(packed: torch.Tensor) -> torch.Tensor:
+    """Reference int4 bytes -> the CPU kernel's layout (it takes q + 8 as int32 [out, in])."""
+    b = packed.view(torch.uint8)
+    offset = torch.stack([(b >> 4) ^ 8, (b & 0xF) ^ 8], dim=-1).flatten(-2)
+    return torch.ops.aten._convert_weight_to_int4pack_for_cpu(offset.to(torch.int32), 1)
 
 
-def _pack_cuda_int4(q: torch.Tensor) -> torch.Tensor:
-    # tinygemm wants unsigned nibbles packed two per byte, high nibble first, as uint8 [out, in/2].
-    u = (q.to(torch.int16) + 8).to(torch.uint8)
-    packed = (u[:, 0::2] << 4) | u[:, 1::2]
-    return torch.ops.aten._convert_weight_to_int4pack(packed.contiguous(), CUDA_INT4_INNER_K_TILES)
+def _pack_cuda_int4(packed: torch.Tensor) -> torch.Tensor:
+    """Reference int4 bytes -> tinygemm's layout (it takes q + 8 packed high nibble first, uint8)."""
+    return torch.ops.aten._convert_weight_to_int4pack(packed.view(torch.uint8) ^ 0x88, CUDA_INT4_INNER_K_TILES)
 
 
 _PACKERS = {"cpu_int4": _pack_cpu_int4, "cuda_int4": _pack_cuda_int4}
@@ -187,7 +190,7 @@ def kernel_ok(kind: str, device_type: str, dtype: torch.dtype) -> bool:
         if kind == "int8":
             got = torch.ops.aten._weight_int8pack_mm(xd, q.to(device), sd)
         else:
-            packed = _PACKERS[kind](q.to(device))
+            packed = _PACKERS[kind](pack_int4(q).to(device))
             got = (_matmul_cpu_int4 if kind == "cpu_int4" else _matmul_cuda_int4)(
                 _KernelProbe(packed, _scales_and_zeros(sd, in_features), in_features), xd)
     except (RuntimeError, NotImplementedError, AttributeError) as err:
@@ -219,7 +222,7 @@ def _nibble_sources(layout: str, device_type: str, out_features: int, in_feature
     shift = 0
     while (n - 1) >> shift:
         digit = ((index >> shift) & 0xF).to(torch.int8) - 8   # packers add 8 back
-        sources |= _nibbles(_PACKERS[layout](digit)) << shift
+        sources |= _nibbles(_PACKERS[layout](pack_int4(digit))) << shift
         shift += 4
     return sources
 
@@ -281,7 +284,7 @@ class QuantLinear(nn.Module):
         if self.layout == "rows":
             self.weight = weight
         else:
-            self.weight = _PACKERS[self.layout](unpack_int4(weight))
+            self.weight = _PACKERS[self.layout](weight)
             self.scales_and_zeros = _scales_and_zeros(scale, self.in_features)
         self.weight_scale = scale
         if bias is not None:
