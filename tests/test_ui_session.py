@@ -75,7 +75,7 @@ def test_an_interrupted_reply_is_kept_partial_and_marked_stopped():
     c = Consultation()
     c.add_patient("失眠")
     message = c.start_reply(model="v1")
-    stream = _tee(iter(["多", "久", "了？"]), message, _Timing(time.perf_counter()))
+    stream = _tee(iter(["多", "久", "了？"]), message, _Timing(time.perf_counter(), time.perf_counter()))
     assert next(stream) + next(stream) == "多久"
     stream.close()  # what a Stop does to the stream: it is never read to the end
     assert c.pending.text == "多久"

@@ -1,0 +1,208 @@
+"""End to end in a real headless Chromium: `streamlit run bianque_v1_v2_app.py` with tiny models.
+
+Types two patient messages, waits for two streamed doctor replies, checks their stage labels,
+downloads the Markdown transcript, saves a screenshot, and measures the time from pressing Enter
+to the first streamed character of each reply (measured inside the page: keydown -> the first
+text in the new reply's body, excluding its label and status captions).
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+CHROMIUM = "/usr/bin/chromium"
+PLACEHOLDER = "请描述您的症状，或回答医生的问题…"
+LABEL = re.compile(r"^(问询 [1-8]/8 · BianQue-1\.0|建议 · BianQue-2\.0)$")
+
+sync_api = pytest.importorskip("playwright.sync_api", reason="Python playwright is not installed")
+if not Path(CHROMIUM).exists():
+    pytest.skip(f"Debian chromium not found at {CHROMIUM} (apt-get install chromium)", allow_module_level=True)
+
+# Runs in the page: from the Enter keydown to the first text in the body of chat bubble `index`
+# (not its label and status captions, nor the Stop button's label). The result lands in window.__firstChar.
+WATCH_FIRST_CHARACTER = """
+index => {
+  window.__firstChar = undefined;
+  const box = document.querySelector('textarea');
+  let pressed = null;
+  const onKey = e => { if (e.key === 'Enter' && pressed === null) pressed = performance.now(); };
+  box.addEventListener('keydown', onKey, {capture: true, once: true});
+  const bodyText = () => {
+    const bubble = document.querySelectorAll('[data-testid="stChatMessage"]')[index];
+    if (!bubble) return '';
+    return [...bubble.querySelectorAll('[data-testid="stMarkdownContainer"]')]
+      .filter(el => !el.closest('[data-testid="stCaptionContainer"], button, [role="alert"]'))
+      .map(el => el.innerText).join('').trim();
+  };
+  const observer = new MutationObserver(() => {
+    if (pressed !== null && bodyText().length > 0) {
+      observer.disconnect();
+      window.__firstChar = performance.now() - pressed;
+    }
+  });
+  observer.observe(document.body, {childList: true, subtree: true, characterData: true});
+}
+"""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_healthy(url: str, proc: subprocess.Popen, log: Path, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"streamlit exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.3)
+    raise RuntimeError(f"streamlit did not come up in {timeout:.0f} s:\n{log.read_text()[-3000:]}")
+
+
+@pytest.fixture(scope="module")
+def app_server(tmp_path_factory):
+    from tiny_glm import build_tiny_glm
+    from tiny_t5 import build_tiny_t5
+
+    work = tmp_path_factory.mktemp("e2e")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BIANQUE_")}
+    env.update(
+        BIANQUE_V1_MODEL=str(build_tiny_t5(work / "v1")), BIANQUE_V2_MODEL=str(build_tiny_glm(work / "v2")),
+        BIANQUE_DEVICE="cpu", BIANQUE_SEED="0",
+        OMP_NUM_THREADS="1",  # tiny models: one thread is faster on a shared CPU
+        PYTHONUNBUFFERED="1",
+    )
+    port, log = _free_port(), work / "server.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "streamlit", "run", "bianque_v1_v2_app.py", "--server.port", str(port),
+             "--server.headless", "true", "--browser.gatherUsageStats", "false"],
+            cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_healthy(url, proc, log)
+        yield url, log
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def _idle(page) -> None:
+    """Wait for the script run to finish (the status widget shows while a run is in flight)."""
+    page.wait_for_function("() => !document.querySelector('[data-testid=\"stStatusWidget\"]')",
+                           timeout=90_000)
+
+
+def _short_replies(page) -> None:
+    """Tiny random models ramble for 512 tokens: cap v1's replies in the sidebar, as a user would."""
+    page.get_by_text("BianQue-1.0 生成设置").click()
+    box = page.get_by_label("最多生成 token 数")
+    box.fill("24")
+    box.press("Enter")
+    box.blur()  # a number input also commits on blur: let that rerun happen now, not during a measurement
+    page.wait_for_timeout(500)
+    _idle(page)
+
+
+def _send(page, text: str, index: int) -> float:
+    """Type a message, press Enter, return ms to the first character of the reply in bubble `index`."""
+    box = page.get_by_placeholder(PLACEHOLDER)
+    box.fill(text)
+    page.evaluate(WATCH_FIRST_CHARACTER, index)
+    box.press("Enter")
+    latency = page.wait_for_function("() => window.__firstChar", timeout=90_000).json_value()
+    page.get_by_role("button", name="重新生成").wait_for(timeout=90_000)  # the reply finished
+    _idle(page)
+    return latency
+
+
+def _labels(page) -> list[str]:
+    captions = page.locator('[data-testid="stChatMessage"] [data-testid="stCaptionContainer"]').all_inner_texts()
+    return [c.strip() for c in captions if LABEL.match(c.strip())]
+
+
+def _server_timings(log: Path) -> list[dict[str, float]]:
+    """Per reply: script run start -> first chunk, and reply start -> first chunk (the model's part)."""
+    found = re.findall(r"run_to_first_chunk_ms=(-?\d+) first_chunk_ms=(-?\d+)", log.read_text())
+    return [{"run": float(run), "model": float(model)} for run, model in found]
+
+
+def test_two_messages_stream_labels_and_transcript_in_chromium(app_server, tmp_path):
+    url, log = app_server
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(
+            executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"])
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 960}, accept_downloads=True)
+            page.set_default_timeout(60_000)
+            page.goto(url)
+            page.get_by_placeholder(PLACEHOLDER).wait_for(timeout=120_000)  # models loaded
+            _idle(page)
+            assert page.get_by_text("智能医疗问答模型扁鹊").count() == 1  # the greeting
+            _short_replies(page)
+
+            messages = ["我最近头疼，已经三天了", "主要是额头疼，晚上更厉害"]
+            latencies = [_send(page, messages[0], 2), _send(page, messages[1], 4)]
+
+            bubbles = page.locator('[data-testid="stChatMessage"]')
+            assert bubbles.count() == 5  # greeting + 2 x (patient, doctor)
+            assert messages[0] in bubbles.nth(1).inner_text() and messages[1] in bubbles.nth(3).inner_text()
+            labels = _labels(page)
+            assert len(labels) == 2, labels
+            if labels[0].startswith("建议"):  # once BianQue-2.0 advised, it keeps the consultation
+                assert labels[1] == "建议 · BianQue-2.0"
+            assert page.get_by_text("以下回答由扁鹊健康模型自动生成，仅供参考！").count() >= 1
+
+            with page.expect_download() as download:
+                page.get_by_role("button", name="Markdown").click()
+            markdown = Path(download.value.path()).read_text(encoding="utf-8")
+            assert all(m in markdown for m in messages)
+            assert all(label in markdown for label in labels)
+
+            page.get_by_text("BianQue-1.0 生成设置").click()  # fold the settings away for the picture
+            page.mouse.move(0, 0)
+            page.wait_for_timeout(300)
+            shot = tmp_path / "bianque_v1_v2_e2e.png"
+            page.screenshot(path=str(shot), full_page=True)
+            assert shot.stat().st_size > 10_000
+        finally:
+            browser.close()
+
+    server = _server_timings(log)[-2:]
+    report = {
+        "enter_to_first_char_ms": [round(x) for x in latencies],
+        "server_run_start_to_first_chunk_ms": [t["run"] for t in server],
+        "server_model_to_first_chunk_ms": [t["model"] for t in server],
+        # everything but the model: browser -> server -> script run -> browser render
+        "app_overhead_ms": [round(b - t["model"]) for b, t in zip(latencies, server)],
+        "screenshot": str(shot),
+    }
+    print("\nE2E " + json.dumps(report, ensure_ascii=False))
+    if os.environ.get("BIANQUE_E2E_ARTIFACTS"):
+        target = Path(os.environ["BIANQUE_E2E_ARTIFACTS"])
+        target.mkdir(parents=True, exist_ok=True)
+        shutil.copy(shot, target / shot.name)
+        (target / "e2e.json").write_text(json.dumps(report, ensure_ascii=False))
+    assert all(x > 0 for x in latencies)
