@@ -68,6 +68,16 @@ def test_build_inputs_rows_differ():
     assert mask.shape == (2, 1, 5, 5) and mask.dtype == torch.bool
 
 
+def test_forward_builds_the_mask_even_when_positions_are_given(model):
+    ids = torch.tensor([[5, 9, 11, GMASK, BOS, 7]])
+    _, positions = build_inputs(ids, CONFIG)
+    assert torch.equal(model(ids, position_ids=positions).logits, model(ids).logits)
+    with pytest.raises(ValueError, match="position_ids"):
+        caches = model.new_caches(1, 8)
+        model(ids, caches=caches)
+        model(ids[:, -1:], caches=caches)
+
+
 def test_decode_step_positions_and_mask_rows():
     assert next_position_ids(torch.tensor([[[7], [3]]])).tolist() == [[[7], [4]]]
     assert decode_mask_row(glm_attention_mask(4, 2)[None]) is None  # unpadded: no mask needed

@@ -248,13 +248,18 @@ class GLMForCausalLM(nn.Module):
                 position_ids: torch.Tensor | None = None, *, caches: list[KVCache] | None = None,
                 last_only: bool = False, output_hidden_states: bool = False) -> GLMOutput:
         """input_ids `[b, s]`; attention_mask bool `[b, 1, s, total]` (True = masked) and
-        position_ids `[b, 2, s]` are built from the ids when not given (unpadded input only).
+        position_ids `[b, 2, s]` are built from the ids when not given for a whole prompt
+        (unpadded input only); cached steps take no mask unless padded, as in the reference.
         With `caches` (one KVCache per layer) the new keys/values are appended and attention
         covers everything cached. hidden_states, when asked for, are the embedding output, the
         output of every block but the last, and the final LayerNorm output (as the reference)."""
-        if position_ids is None:
-            built_mask, position_ids = build_inputs(input_ids, self.config)
-            attention_mask = built_mask if attention_mask is None else attention_mask
+        if caches is None or caches[0].length == 0:  # a whole prompt: build what was not given
+            if attention_mask is None or position_ids is None:
+                built_mask, built_positions = build_inputs(input_ids, self.config)
+                attention_mask = built_mask if attention_mask is None else attention_mask
+                position_ids = built_positions if position_ids is None else position_ids
+        elif position_ids is None:
+            raise ValueError("cached decoding steps need position_ids (see generate.next_position_ids)")
         h = self.transformer.word_embeddings(input_ids)
         cos, sin = rotary_tables(position_ids, self.config.rotary_dim, h.dtype)
         if attention_mask is not None and not attention_mask.any():
