@@ -41,6 +41,7 @@ class Recorder:
         self.doctor, self.load_args, self.load_kwargs = doctor, load_args, load_kwargs
         self.calls: list[tuple[tuple[Turn, ...], object]] = []
         self.fail: BaseException | None = None
+        self.script: list[str] = []  # replies to give instead of the tiny model's (random) text
 
     def __getattr__(self, name):
         return getattr(self.doctor, name)
@@ -49,6 +50,8 @@ class Recorder:
         self.calls.append((tuple(turns), params))
         if self.fail is not None:
             raise self.fail
+        if self.script:
+            return iter([self.script.pop(0)])
         return self.doctor.reply(turns, params)
 
 
@@ -327,3 +330,20 @@ def test_coq_app_gives_advice_after_max_questions(backend, v1_dir, v2_dir, monke
     assert (reply.stage, reply.model, reply.label) == ("advice", "v2", "建议 · BianQue-2.0")
     assert backend["v1"].calls == [] and len(backend["v2"].calls) == 1
     assert at.caption[0].value and any(c.value == DISCLAIMER for c in at.caption)
+
+
+@needs_v2
+def test_coq_app_counts_questions_then_hands_over_to_advice(backend, v1_dir, v2_dir, monkeypatch):
+    at = start(COQ_APP, monkeypatch, BIANQUE_V1_MODEL=v1_dir, BIANQUE_V2_MODEL=v2_dir, BIANQUE_MAX_QUESTIONS=2)
+    quick(at, "v2")
+    backend["v1"].script = ["头疼多久了？", "疼痛在什么部位？"]  # what the router must see as questions
+    send(at, "我头疼")
+    send(at, "三天了")
+    send(at, "额头")
+    doctor = [m for m in consultation(at).messages if m.role == "doctor"]
+    assert [m.label for m in doctor] == ["问询 1/2 · BianQue-1.0", "问询 2/2 · BianQue-1.0", "建议 · BianQue-2.0"]
+    assert [b[1][0] for b in bubbles(at)[1:] if b[0] == "assistant"] == [m.label for m in doctor]
+    assert len(backend["v1"].calls) == 2  # the cap is reached: v1 is not asked a third time
+    (turns, _), = backend["v2"].calls
+    assert turns == (Turn(PATIENT, "我头疼"), Turn("doctor", "头疼多久了？", "question"), Turn(PATIENT, "三天了"),
+                     Turn("doctor", "疼痛在什么部位？", "question"), Turn(PATIENT, "额头"))
