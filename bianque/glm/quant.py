@@ -107,7 +107,7 @@ def stored_shape(out_features: int, in_features: int, bits: int) -> tuple[int, i
 
 
 # ----------------------------------------------------------------------------------------------
-# Kernel layouts. Each layout has: a check that it applies, pack (from the reference int8 q)
+# Kernel layouts. Each layout has: a check that it applies, a packer (from the reference bytes)
 # and matmul. "rows" layouts are the reference format itself.
 # ----------------------------------------------------------------------------------------------
 
