@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -34,10 +35,11 @@ if not Path(CHROMIUM).exists():
 WATCH_FIRST_CHARACTER = """
 index => {
   window.__firstChar = undefined;
-  const box = document.querySelector('textarea');
   let pressed = null;
-  const onKey = e => { if (e.key === 'Enter' && pressed === null) pressed = performance.now(); };
-  box.addEventListener('keydown', onKey, {capture: true, once: true});
+  // On the document, not the textarea: a rerun may replace the chat input's element.
+  document.addEventListener('keydown', e => {
+    if (e.key === 'Enter' && e.target.tagName === 'TEXTAREA' && pressed === null) pressed = performance.now();
+  }, {capture: true});
   const bodyText = () => {
     const bubble = document.querySelectorAll('[data-testid="stChatMessage"]')[index];
     if (!bubble) return '';
@@ -77,22 +79,24 @@ def _wait_healthy(url: str, proc: subprocess.Popen, log: Path, timeout: float = 
 
 
 @pytest.fixture(scope="module")
-def app_server(tmp_path_factory):
+def tiny_models(tmp_path_factory) -> dict[str, str]:
     from tiny_glm import build_tiny_glm
     from tiny_t5 import build_tiny_t5
 
-    work = tmp_path_factory.mktemp("e2e")
+    work = tmp_path_factory.mktemp("e2e_models")
+    return {"BIANQUE_V1_MODEL": str(build_tiny_t5(work / "v1")), "BIANQUE_V2_MODEL": str(build_tiny_glm(work / "v2"))}
+
+
+@contextmanager
+def _streamlit(script: str, models: dict[str, str], work: Path):
+    """`streamlit run script` on a free port with the tiny models; yields (url, server log)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("BIANQUE_")}
-    env.update(
-        BIANQUE_V1_MODEL=str(build_tiny_t5(work / "v1")), BIANQUE_V2_MODEL=str(build_tiny_glm(work / "v2")),
-        BIANQUE_DEVICE="cpu", BIANQUE_SEED="0",
-        OMP_NUM_THREADS="1",  # tiny models: one thread is faster on a shared CPU
-        PYTHONUNBUFFERED="1",
-    )
+    env.update(models, BIANQUE_DEVICE="cpu", BIANQUE_SEED="0", PYTHONUNBUFFERED="1",
+               OMP_NUM_THREADS="1")  # tiny models: one thread is faster on a shared CPU
     port, log = _free_port(), work / "server.log"
     with log.open("w") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "streamlit", "run", "bianque_v1_v2_app.py", "--server.port", str(port),
+            [sys.executable, "-m", "streamlit", "run", script, "--server.port", str(port),
              "--server.headless", "true", "--browser.gatherUsageStats", "false"],
             cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
         )
@@ -109,17 +113,66 @@ def app_server(tmp_path_factory):
             proc.wait()
 
 
+@contextmanager
+def _browser_page():
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(
+            executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"])
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 960}, accept_downloads=True)
+            page.set_default_timeout(60_000)
+            yield page
+        finally:
+            browser.close()
+
+
+IDLE = """
+() => {
+  const idle = !document.querySelector('[data-stale="true"], [data-testid="stStatusWidgetRunningIcon"]');
+  if (!idle) { window.__idleSince = undefined; return false; }
+  window.__idleSince = window.__idleSince || performance.now();
+  return performance.now() - window.__idleSince > 250;
+}
+"""
+
+
 def _idle(page) -> None:
-    """Wait for the script run to finish (the status widget shows while a run is in flight)."""
-    page.wait_for_function("() => !document.querySelector('[data-testid=\"stStatusWidget\"]')",
-                           timeout=90_000)
+    """Wait until no script run is in flight (no running icon, no stale elements) for 250 ms."""
+    try:
+        page.wait_for_function(IDLE, polling=100, timeout=90_000)
+    except sync_api.TimeoutError:
+        raise AssertionError("the app was still running after 90 s") from None
 
 
-def _short_replies(page) -> None:
-    """Tiny random models ramble for 512 tokens: cap v1's replies in the sidebar, as a user would."""
+# The dialogue shows `count` bubbles, the reply is finished (Regenerate is offered, Stop is gone),
+# and no run is in flight or leaves stale elements: checked twice, 250 ms apart.
+SETTLED = """
+count => {
+  const settled = () => {
+    const buttons = [...document.querySelectorAll('button')].map(b => b.innerText);
+    return document.querySelectorAll('[data-testid="stChatMessage"]').length === count
+      && buttons.some(t => t.includes('重新生成')) && !buttons.some(t => t.includes('停止生成'))
+      && !document.querySelector('[data-stale="true"], [data-testid="stStatusWidgetRunningIcon"]');
+  };
+  if (!settled()) { window.__settledSince = undefined; return false; }
+  window.__settledSince = window.__settledSince || performance.now();
+  return performance.now() - window.__settledSince > 250;
+}
+"""
+
+
+def _settled(page, count: int) -> None:
+    try:
+        page.wait_for_function(SETTLED, arg=count, polling=100, timeout=90_000)
+    except sync_api.TimeoutError:
+        raise AssertionError(f"the dialogue did not settle at {count} bubbles within 90 s") from None
+
+
+def _short_replies(page, tokens: str) -> None:
+    """Set v1's reply length in the sidebar, as a user would (tiny random models ramble)."""
     page.get_by_text("BianQue-1.0 生成设置").click()
     box = page.get_by_label("最多生成 token 数")
-    box.fill("24")
+    box.fill(tokens)
     box.press("Enter")
     box.blur()  # a number input also commits on blur: let that rerun happen now, not during a measurement
     page.wait_for_timeout(500)
@@ -132,9 +185,11 @@ def _send(page, text: str, index: int) -> float:
     box.fill(text)
     page.evaluate(WATCH_FIRST_CHARACTER, index)
     box.press("Enter")
-    latency = page.wait_for_function("() => window.__firstChar", timeout=90_000).json_value()
-    page.get_by_role("button", name="重新生成").wait_for(timeout=90_000)  # the reply finished
-    _idle(page)
+    try:
+        latency = page.wait_for_function("() => window.__firstChar", timeout=90_000).json_value()
+    except sync_api.TimeoutError:
+        raise AssertionError(f"no reply text appeared in chat bubble {index} within 90 s") from None
+    _settled(page, index + 1)
     return latency
 
 
@@ -149,46 +204,38 @@ def _server_timings(log: Path) -> list[dict[str, float]]:
     return [{"run": float(run), "model": float(model)} for run, model in found]
 
 
-def test_two_messages_stream_labels_and_transcript_in_chromium(app_server, tmp_path):
-    url, log = app_server
-    with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(
-            executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"])
-        try:
-            page = browser.new_page(viewport={"width": 1280, "height": 960}, accept_downloads=True)
-            page.set_default_timeout(60_000)
-            page.goto(url)
-            page.get_by_placeholder(PLACEHOLDER).wait_for(timeout=120_000)  # models loaded
-            _idle(page)
-            assert page.get_by_text("智能医疗问答模型扁鹊").count() == 1  # the greeting
-            _short_replies(page)
+def test_two_messages_stream_labels_and_transcript_in_chromium(tiny_models, tmp_path):
+    with _streamlit("bianque_v1_v2_app.py", tiny_models, tmp_path) as (url, log), _browser_page() as page:
+        page.goto(url)
+        page.get_by_placeholder(PLACEHOLDER).wait_for(timeout=120_000)  # models loaded
+        _idle(page)
+        assert page.get_by_text("智能医疗问答模型扁鹊").count() == 1  # the greeting
+        _short_replies(page, "24")
 
-            messages = ["我最近头疼，已经三天了", "主要是额头疼，晚上更厉害"]
-            latencies = [_send(page, messages[0], 2), _send(page, messages[1], 4)]
+        messages = ["我最近头疼，已经三天了", "主要是额头疼，晚上更厉害"]
+        latencies = [_send(page, messages[0], 2), _send(page, messages[1], 4)]
 
-            bubbles = page.locator('[data-testid="stChatMessage"]')
-            assert bubbles.count() == 5  # greeting + 2 x (patient, doctor)
-            assert messages[0] in bubbles.nth(1).inner_text() and messages[1] in bubbles.nth(3).inner_text()
-            labels = _labels(page)
-            assert len(labels) == 2, labels
-            if labels[0].startswith("建议"):  # once BianQue-2.0 advised, it keeps the consultation
-                assert labels[1] == "建议 · BianQue-2.0"
-            assert page.get_by_text("以下回答由扁鹊健康模型自动生成，仅供参考！").count() >= 1
+        bubbles = page.locator('[data-testid="stChatMessage"]')
+        assert bubbles.count() == 5  # greeting + 2 x (patient, doctor)
+        assert messages[0] in bubbles.nth(1).inner_text() and messages[1] in bubbles.nth(3).inner_text()
+        labels = _labels(page)
+        assert len(labels) == 2, labels
+        if labels[0].startswith("建议"):  # once BianQue-2.0 advised, it keeps the consultation
+            assert labels[1] == "建议 · BianQue-2.0"
+        assert page.get_by_text("以下回答由扁鹊健康模型自动生成，仅供参考！").count() >= 1
 
-            with page.expect_download() as download:
-                page.get_by_role("button", name="Markdown").click()
-            markdown = Path(download.value.path()).read_text(encoding="utf-8")
-            assert all(m in markdown for m in messages)
-            assert all(label in markdown for label in labels)
+        with page.expect_download() as download:
+            page.get_by_role("button", name="Markdown").click()
+        markdown = Path(download.value.path()).read_text(encoding="utf-8")
+        assert all(m in markdown for m in messages)
+        assert all(label in markdown for label in labels)
 
-            page.get_by_text("BianQue-1.0 生成设置").click()  # fold the settings away for the picture
-            page.mouse.move(0, 0)
-            page.wait_for_timeout(300)
-            shot = tmp_path / "bianque_v1_v2_e2e.png"
-            page.screenshot(path=str(shot), full_page=True)
-            assert shot.stat().st_size > 10_000
-        finally:
-            browser.close()
+        page.get_by_text("BianQue-1.0 生成设置").click()  # fold the settings away for the picture
+        page.mouse.move(0, 0)
+        page.wait_for_timeout(300)
+        shot = tmp_path / "bianque_v1_v2_e2e.png"
+        page.screenshot(path=str(shot), full_page=True)
+        assert shot.stat().st_size > 10_000
 
     server = _server_timings(log)[-2:]
     report = {
@@ -206,3 +253,26 @@ def test_two_messages_stream_labels_and_transcript_in_chromium(app_server, tmp_p
         shutil.copy(shot, target / shot.name)
         (target / "e2e.json").write_text(json.dumps(report, ensure_ascii=False))
     assert all(x > 0 for x in latencies)
+
+
+def test_stop_keeps_the_partial_reply_and_marks_it(tiny_models, tmp_path):
+    """BianQue-1.0 alone streams its tokens as they come; Stop ends the reply part-way."""
+    with _streamlit("bianque_v1_app.py", tiny_models, tmp_path) as (url, log), _browser_page() as page:
+        page.goto(url)
+        page.get_by_placeholder(PLACEHOLDER).wait_for(timeout=120_000)
+        _idle(page)
+        _short_replies(page, "8192")  # long enough that Stop always lands mid-reply
+        box = page.get_by_placeholder(PLACEHOLDER)
+        box.fill("我咳嗽一周了")
+        box.press("Enter")
+        page.get_by_role("button", name="停止生成").click()
+        page.get_by_text("已停止：以上是停止前生成的部分回复").wait_for(timeout=60_000)
+        _settled(page, 3)
+        reply = page.locator('[data-testid="stChatMessage"]').nth(2).inner_text()
+        assert "BianQue-1.0" in reply
+        with page.expect_download() as download:
+            page.get_by_role("button", name="JSON").click()
+        turns = json.loads(Path(download.value.path()).read_text(encoding="utf-8"))["turns"]
+        assert [(t["role"], t["stopped"]) for t in turns] == [("patient", False), ("doctor", True)]
+        assert 0 < len(turns[1]["text"]) and turns[1]["text"][:20] in reply.replace("\n", "")
+    assert re.search(r"reply model=v1 stage=None chars=\d+ .* completed=False", log.read_text())
