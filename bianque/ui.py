@@ -506,12 +506,12 @@ def run_app(config: AppConfig, argv: Sequence[str] | None = None) -> None:
 
 def _run(config: AppConfig, argv: Sequence[str] | None) -> None:
     started = time.perf_counter()
+    st.title(config.title)  # first, so that loading and error pages say which app this is
+    st.caption(config.caption)
     settings = _settings(argv)
     served = _load(config, settings)
     consultation = _consultation()
     controls = _sidebar(config, served, settings)
-    st.title(config.title)
-    st.caption(config.caption)
     prompt = st.chat_input(config.placeholder, key="prompt")
     advise_now = _take_request(prompt, consultation)
     _render_history(consultation)
