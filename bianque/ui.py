@@ -46,6 +46,7 @@ INT_LABELS = {
     "max_length": "最大总长度 max_length（对话 + 回复的 token 数）",
     "no_repeat_ngram_size": "禁止重复的 n-gram 长度（0 关闭）",
     "max_input_tokens": "最多输入 token 数",
+    "min_answer_tokens": "为回答预留的最少 token 数",
 }
 STATE_KEY = "consultation"
 REQUEST_KEY = "request"
@@ -233,7 +234,11 @@ def _params_widgets(kind: str, defaults: Any) -> Any:
             low = 0 if f.name == "no_repeat_ngram_size" else 1
             extra[f.name] = int(st.number_input(INT_LABELS.get(f.name, f.name), low, max(8192, value), value,
                                                 key=f"{kind}.{f.name}"))
-    return dataclasses.replace(defaults, sampling=sampling, **extra)
+    try:
+        return dataclasses.replace(defaults, sampling=sampling, **extra)
+    except ValueError as exc:  # e.g. a max_length the model cannot work with: say so, keep the defaults
+        st.error(f"设置无效，暂用默认值：{exc}", icon=":material/error:")
+        return defaults
 
 
 def _sidebar(config: AppConfig, served: dict[str, Served], settings: Settings) -> Controls:

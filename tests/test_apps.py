@@ -294,6 +294,16 @@ def test_v2_app_missing_model_names_its_variable(backend, tmp_path, monkeypatch)
     assert "BIANQUE_V2_MODEL" in at.error[0].value and "--v2-model DIR" in at.info[0].value
 
 
+@needs_v2
+def test_invalid_settings_are_reported_and_the_defaults_used(backend, v2_dir, monkeypatch):
+    at = start(V2_APP, monkeypatch, BIANQUE_V2_MODEL=v2_dir)
+    at.number_input(key="v2.max_length").set_value(2).run()
+    assert any("设置无效，暂用默认值" in e.value and "max_length" in e.value for e in at.sidebar.error)
+    at.number_input(key="v2.max_length").set_value(96).run()
+    send(at, "头晕")
+    assert backend["v2"].calls[-1][1].max_length == 96 and not at.sidebar.error
+
+
 # ---------------------------------------------------------------- Chain of Questioning app
 
 @needs_v2

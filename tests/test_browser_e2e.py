@@ -232,7 +232,7 @@ def test_two_messages_stream_labels_and_transcript_in_chromium(tiny_models, tmp_
 
         page.get_by_text("BianQue-1.0 生成设置").click()  # fold the settings away for the picture
         page.mouse.move(0, 0)
-        page.wait_for_timeout(300)
+        page.wait_for_timeout(800)  # let the expander finish folding
         shot = tmp_path / "bianque_v1_v2_e2e.png"
         page.screenshot(path=str(shot), full_page=True)
         assert shot.stat().st_size > 10_000
