@@ -48,6 +48,9 @@ INT_LABELS = {
     "max_input_tokens": "最多输入 token 数",
     "min_answer_tokens": "为回答预留的最少 token 数",
 }
+# Far beyond either model's budget (a longer message is kept and fitted, see fit_note); the cap
+# only stops a runaway paste from bloating the page and the transcript.
+MAX_MESSAGE_CHARS = 20_000
 STATE_KEY = "consultation"
 REQUEST_KEY = "request"
 SESSION_LOCK_KEY = "session_lock"
@@ -517,7 +520,7 @@ def _run(config: AppConfig, argv: Sequence[str] | None) -> None:
     served = _load(config, settings)
     consultation = _consultation()
     controls = _sidebar(config, served, settings)
-    prompt = st.chat_input(config.placeholder, key="prompt")
+    prompt = st.chat_input(config.placeholder, key="prompt", max_chars=MAX_MESSAGE_CHARS)
     advise_now = _take_request(prompt, consultation)
     _render_history(consultation)
     if advise_now is not None:

@@ -3,6 +3,7 @@ by BIANQUE_* variables or CLI arguments). Each test checks what was rendered AND
 to the real loaders and doctors (recorded by a thin wrapper around them)."""
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from pathlib import Path
@@ -258,6 +259,22 @@ def test_v1_sidebar_shows_the_original_defaults(backend, v1_dir, monkeypatch):
     assert at.slider(key="v1.temperature").value == 0.7 and at.slider(key="v1.top_p").value == 1.0
     assert at.toggle(key="v1.do_sample").value is True and at.number_input(key="v1.top_k").value == 50
     assert at.number_input(key="v1.max_new_tokens").value == 512
+
+
+def test_patient_text_never_reaches_logs_or_stdout(backend, v1_dir, monkeypatch, caplog, capfd):
+    caplog.set_level(logging.DEBUG)
+    at = start(V1_APP, monkeypatch, BIANQUE_V1_MODEL=v1_dir)
+    quick(at, "v1", tokens=24)
+    secret = "我叫张三，身份证号110101199001011234，胸闷两周了"
+    send(at, secret)
+    backend["v1"].fail = RuntimeError(f"model crashed on: {secret}")  # an exception that quotes the patient
+    at.button(key="regenerate").click().run()
+    assert any("生成回复时出错（RuntimeError）" in e.value for e in at.error)
+    records = "\n".join(r.getMessage() for r in caplog.records)
+    out, err = capfd.readouterr()
+    assert "reply model=v1" in records  # metadata is logged
+    for text in [secret, "110101199001011234"]:
+        assert text not in records and text not in out and text not in err
 
 
 # ---------------------------------------------------------------- BianQue-2.0 app
