@@ -255,24 +255,52 @@ def test_two_messages_stream_labels_and_transcript_in_chromium(tiny_models, tmp_
     assert all(x > 0 for x in latencies)
 
 
-def test_stop_keeps_the_partial_reply_and_marks_it(tiny_models, tmp_path):
-    """BianQue-1.0 alone streams its tokens as they come; Stop ends the reply part-way."""
-    with _streamlit("bianque_v1_app.py", tiny_models, tmp_path) as (url, log), _browser_page() as page:
-        page.goto(url)
-        page.get_by_placeholder(PLACEHOLDER).wait_for(timeout=120_000)
-        _idle(page)
-        _short_replies(page, "8192")  # long enough that Stop always lands mid-reply
-        box = page.get_by_placeholder(PLACEHOLDER)
-        box.fill("我咳嗽一周了")
-        box.press("Enter")
-        page.get_by_role("button", name="停止生成").click()
-        page.get_by_text("已停止：以上是停止前生成的部分回复").wait_for(timeout=60_000)
-        _settled(page, 3)
-        reply = page.locator('[data-testid="stChatMessage"]').nth(2).inner_text()
+def _open(page, url: str, tokens: str) -> None:
+    page.goto(url)
+    page.get_by_placeholder(PLACEHOLDER).wait_for(timeout=120_000)
+    _idle(page)
+    _short_replies(page, tokens)
+
+
+def _streaming(page, index: int) -> None:
+    """Wait until the reply in bubble `index` shows text (its session holds the model)."""
+    page.wait_for_function(
+        """i => { const b = document.querySelectorAll('[data-testid="stChatMessage"]')[i];
+                 return b && [...b.querySelectorAll('[data-testid="stMarkdownContainer"]')]
+                   .some(el => !el.closest('[data-testid="stCaptionContainer"], button') && el.innerText.trim()); }""",
+        arg=index, timeout=60_000)
+
+
+def test_stop_keeps_the_partial_reply_and_a_second_session_queues(tiny_models, tmp_path):
+    """BianQue-1.0 alone streams its tokens as they come. Two browser sessions share the model:
+    the second waits ("排队中") until Stop ends the first one's reply part-way, then gets its own."""
+    with _streamlit("bianque_v1_app.py", tiny_models, tmp_path) as (url, log), _browser_page() as first:
+        _open(first, url, "8192")  # long enough that Stop always lands mid-reply
+        second = first.context.browser.new_page(viewport={"width": 1280, "height": 960}, accept_downloads=True)
+        second.set_default_timeout(60_000)
+        _open(second, url, "24")
+
+        first.get_by_placeholder(PLACEHOLDER).fill("我咳嗽一周了")
+        first.get_by_placeholder(PLACEHOLDER).press("Enter")
+        _streaming(first, 2)
+        second.get_by_placeholder(PLACEHOLDER).fill("孩子发烧两天")
+        second.get_by_placeholder(PLACEHOLDER).press("Enter")
+        second.get_by_text("排队中：模型正在为其他用户生成回复，请稍候…").wait_for()
+
+        first.get_by_role("button", name="停止生成").click()
+        first.get_by_text("已停止：以上是停止前生成的部分回复").wait_for()
+        _settled(first, 3)
+        _settled(second, 3)  # the model is free: the queued session gets its reply
+
+        reply = first.locator('[data-testid="stChatMessage"]').nth(2).inner_text()
         assert "BianQue-1.0" in reply
-        with page.expect_download() as download:
-            page.get_by_role("button", name="JSON").click()
+        with first.expect_download() as download:
+            first.get_by_role("button", name="JSON").click()
         turns = json.loads(Path(download.value.path()).read_text(encoding="utf-8"))["turns"]
-        assert [(t["role"], t["stopped"]) for t in turns] == [("patient", False), ("doctor", True)]
+        assert [(t["role"], t["text"] if t["role"] == "patient" else t["stopped"]) for t in turns] == [
+            ("patient", "我咳嗽一周了"), ("doctor", True)]  # nothing of the other session
         assert 0 < len(turns[1]["text"]) and turns[1]["text"][:20] in reply.replace("\n", "")
-    assert re.search(r"reply model=v1 stage=None chars=\d+ .* completed=False", log.read_text())
+        assert "孩子发烧两天" in second.locator('[data-testid="stChatMessage"]').nth(1).inner_text()
+    replies = re.findall(r"reply model=v1 stage=None chars=(\d+) .* completed=(\w+)", log.read_text())
+    assert sorted(completed for _, completed in replies) == ["False", "True"]
+    assert all(int(chars) > 0 for chars, completed in replies if completed == "False")  # stopped part-way
