@@ -74,7 +74,7 @@ def test_quantize_weight_errors():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("bits", [8, 4])
-@pytest.mark.parametrize("rows", [1, 40])     # decode-sized (kernel) and prefill-sized inputs
+@pytest.mark.parametrize("rows", [1, 40, 200])     # decode/short prompt (int8 kernel) and long prompt (plain)
 def test_quant_linear_matches_its_dequantised_weight(bits, dtype, rows):
     linear = nn.Linear(256, 192).to(dtype)
     module = QuantLinear.from_linear(linear, bits)

@@ -28,9 +28,10 @@ log = logging.getLogger(__name__)
 # The four linears of a block (SPEC §1 names). Embedding, head and LayerNorms stay unquantised.
 BLOCK_LINEARS = ("attention.query_key_value", "attention.dense", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h")
 SUPPORTED_BITS = (4, 8)
-# Measured on this project's 2-core CPU, 16384x4096 bf16: _weight_int8pack_mm is ~4.7x faster
-# than dequantise-then-matmul for one row (decode) but ~2.3x slower for 512 rows (prefill).
-INT8_KERNEL_MAX_ROWS = 16
+# Measured on this project's 2-core CPU, 16384x4096 bf16: _weight_int8pack_mm takes ~0.6-0.8 ms
+# per input row, dequantise-then-matmul ~50 ms plus a little per row: the kernel wins up to ~128
+# rows (1 row: 2.6 vs 52 ms; 128: 105 vs 130 ms) and loses beyond (512 rows: 405 vs 178 ms).
+INT8_KERNEL_MAX_ROWS = 128
 # torch's int4 kernels take per-group scales; a per-row scale is the same scale repeated over
 # every group of the row, so any group size that divides `in_features` gives exact results.
 INT4_GROUP_SIZES = (256, 128, 64, 32)
