@@ -47,13 +47,21 @@ index => {
       .filter(el => !el.closest('[data-testid="stCaptionContainer"], button, [role="alert"]'))
       .map(el => el.innerText).join('').trim();
   };
-  const observer = new MutationObserver(() => {
+  // Checked on every DOM change and on every frame: an element can become visible (innerText)
+  // through a style change that a childList observer alone would only notice at the next insert.
+  const check = () => {
+    if (window.__firstChar !== undefined) return true;
     if (pressed !== null && bodyText().length > 0) {
-      observer.disconnect();
       window.__firstChar = performance.now() - pressed;
+      observer.disconnect();
+      return true;
     }
-  });
-  observer.observe(document.body, {childList: true, subtree: true, characterData: true});
+    return false;
+  };
+  const observer = new MutationObserver(check);
+  observer.observe(document.body, {childList: true, subtree: true, characterData: true, attributes: true});
+  const frame = () => { if (!check()) requestAnimationFrame(frame); };
+  requestAnimationFrame(frame);
 }
 """
 
