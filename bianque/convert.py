@@ -143,7 +143,7 @@ def convert(src: str | Path, dst: str | Path, dtype: str | None = None, quantize
         filename = f"model-{number:05d}-of-{len(shards):05d}.safetensors"
         tensors = {}
         for item in shard:
-            for name, tensor in converted(item, index.read(item.source), torch_dtype):
+            for name, tensor in converted(item, index.take(item.source), torch_dtype):
                 tensors[name] = tensor
                 weight_map[name] = filename
                 total += tensor.numel() * tensor.element_size()

@@ -158,3 +158,19 @@ def test_chat_refuses_options_it_does_not_implement(advisor):
         advisor.model.chat(advisor.tokenizer, "你好", repetition_penalty=1.2)
     with pytest.raises(ValueError, match="num_beams"):
         advisor.model.chat(advisor.tokenizer, "你好", num_beams=4)
+
+
+def test_device_lists_go_through_placement(tmp_path):
+    """`--v2-device auto` / `cuda:0,cuda:1` reach the block placement; a bad list is a clear error."""
+    from bianque.prompt import PATIENT, Turn
+    from bianque.sampling import SamplingParams
+    from tests.tiny_glm import build_tiny_glm
+
+    path = build_tiny_glm(tmp_path / "v2")
+    greedy = V2Params(sampling=SamplingParams(do_sample=False), max_length=48)
+    turns = [Turn(PATIENT, "头疼三天了")]
+    plain = "".join(load_advisor(str(path), device="cpu", dtype="float32").reply(turns, greedy))
+    placed = load_advisor(str(path), device="auto", dtype="float32")  # no GPU here: every block on the CPU
+    assert "".join(placed.reply(turns, greedy)) == plain
+    with pytest.raises(ModelLoadError, match="not a device"):
+        load_advisor(str(path), device="cuda:0,bogus")

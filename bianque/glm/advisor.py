@@ -118,11 +118,19 @@ def load_advisor(model: str = V2_REPO, device: str = "cpu", dtype: str | torch.d
     """BianQue-2.0 from a hub id or a local directory, on `device` in `dtype`
     (None: bfloat16 on CPU, float16 on CUDA), optionally with int8/int4 weights."""
     path = resolve_checkpoint(model, "BIANQUE_V2_MODEL")
+    options = {}
+    if device == "auto" or "," in device:  # whole blocks spread over several GPUs (placement.py)
+        from .placement import parse_devices
+
+        try:
+            options["devices"], device = device, str(parse_devices(device)[0])
+        except ValueError as exc:
+            raise ModelLoadError(f"could not load BianQue-2.0: {exc}") from exc
     if not isinstance(dtype, torch.dtype):
         dtype = torch_dtype(dtype, device, "v2")
     tokenizer = GLMTokenizer.from_pretrained(path)
     try:
-        net = GLMForCausalLM.from_pretrained(path, device=device, dtype=dtype, quantize=quantize)
+        net = GLMForCausalLM.from_pretrained(path, device=device, dtype=dtype, quantize=quantize, **options)
     except (torch.OutOfMemoryError, MemoryError) as exc:
         raise ModelLoadError(f"out of memory loading BianQue-2.0 on {device} in {dtype_name(dtype)}; "
                              "use --v2-dtype bfloat16/float16, --quantize 8 or 4, or another --v2-device") from exc

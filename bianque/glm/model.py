@@ -281,12 +281,13 @@ class GLMForCausalLM(nn.Module):
         return next(self.transformer.word_embeddings.parameters(), self.transformer.final_layernorm.weight).device
 
     def new_caches(self, batch: int, capacity: int) -> list[KVCache]:
-        """One empty KVCache per layer, in the compute dtype and on the device of the model
-        (read from a LayerNorm: linears may be swapped for quantised or packed modules)."""
-        weight = self.transformer.final_layernorm.weight
+        """One empty KVCache per layer, in the compute dtype and on that LAYER's device (blocks
+        may be spread over several GPUs); read from a LayerNorm, since linears may be swapped for
+        quantised or packed modules."""
         c = self.config
-        return [KVCache(batch, c.num_attention_heads, capacity, c.head_dim, weight.dtype, weight.device)
-                for _ in range(c.num_layers)]
+        return [KVCache(batch, c.num_attention_heads, capacity, c.head_dim,
+                        layer.input_layernorm.weight.dtype, layer.input_layernorm.weight.device)
+                for layer in self.transformer.layers]
 
     @classmethod
     def from_pretrained(cls, path, device="cpu", dtype=None, quantize=None, **options) -> GLMForCausalLM:
