@@ -15,11 +15,11 @@ import torch
 
 from .errors import ModelLoadError
 from .prompt import DOCTOR, PATIENT, Turn
+from .session import ADVISE_NOW_TEXT, MODEL_NAMES
 from .settings import Settings, add_settings_arguments, settings_from_args
 
 MODES = ("v1", "v2", "coq")
 COMMANDS_HELP = "命令：/advise 直接给建议  /clear 新的问诊  /quit 退出  （Ctrl-C 停止当前回复）"
-MODEL_NAMES = {"v1": "BianQue-1.0", "v2": "BianQue-2.0"}
 
 
 @dataclass
@@ -167,13 +167,11 @@ def handle_line(text: str, turns: list[Turn], respond: Responder) -> tuple[str, 
         return "clear", None
     advise_now = text.split(maxsplit=1)[0] == "/advise"
     if advise_now:
-        text = text[len("/advise"):].strip()
-        if not text:  # advice now on what the patient has said: withdraw the unanswered question
-            if not turns:
-                return "skip", None
-            if turns[-1].role == DOCTOR:
-                turns.pop()
-            return "reply", respond(list(turns), True)
+        if not turns:
+            return "skip", None
+        # As the apps' "直接给建议" button: the request is a visible patient turn, so the dialogue
+        # still alternates and the advisor reads what was asked ("/advise 还有点发热" adds that text).
+        text = text[len("/advise"):].strip() or ADVISE_NOW_TEXT
     turns.append(Turn(PATIENT, text))
     return "reply", respond(list(turns), advise_now)
 

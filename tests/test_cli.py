@@ -76,8 +76,10 @@ def test_commands_clear_and_advise():
     assert action == "reply" and turns == [Turn(PATIENT, "头疼")]
     turns.append(Turn(DOCTOR, "疼多久了？", "question"))
     action, _ = handle_line("/advise", turns, respond)
-    # the unanswered question is withdrawn and advice is asked for on what the patient said
-    assert action == "reply" and seen[-1] == ([Turn(PATIENT, "头疼")], True)
+    # as the apps' button: a visible patient request, so the advisor reads what was asked
+    asked = [Turn(PATIENT, "头疼"), Turn(DOCTOR, "疼多久了？", "question"), Turn(PATIENT, "请直接给我建议。")]
+    assert action == "reply" and seen[-1] == (asked, True)
+    turns.append(Turn(DOCTOR, "多休息。", "advice"))
     action, _ = handle_line("/advise 还有点发热", turns, respond)
     assert seen[-1][1] is True and seen[-1][0][-1] == Turn(PATIENT, "还有点发热")
     assert handle_line("/clear", turns, respond) == ("clear", None) and turns == []
