@@ -21,7 +21,6 @@ import resource
 import sys
 import time
 from dataclasses import dataclass, replace
-from pathlib import Path
 
 import torch
 

@@ -7,7 +7,6 @@ import hashlib
 import random
 
 import pytest
-import torch
 
 from bianque.errors import ModelLoadError
 from bianque.glm import GLMAdvisor, V2Params, load_advisor, process_response

@@ -20,15 +20,6 @@ GREEDY = V1Params(sampling=SamplingParams(do_sample=False), max_new_tokens=40)
 DIALOGUE = [Turn(PATIENT, "我头疼三天了"), Turn(DOCTOR, "多久了？", "question"), Turn(PATIENT, "一周了\n晚上头疼\t有点恶心")]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models run ~10x faster on one thread than with OpenMP threads fighting over a busy CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
     return build_tiny_t5(tmp_path_factory.mktemp("t5"))
