@@ -248,7 +248,7 @@ def run_interactive(respond: Responder, mode: str, max_questions: int) -> int:
             turns.pop()
             print("\n（内存不足，这条消息未能回复，请重试或输入 /clear）", file=sys.stderr)
             continue
-        print(" ［已停止］" if stopped else "", file=out)
+        print(" ［已停止］" if stopped else ("" if text else "（模型没有生成内容，请再试一次）"), file=out)
         if text:
             turns.append(Turn(DOCTOR, text, reply.stage))
         else:
