@@ -12,6 +12,8 @@ Nothing here logs or prints dialogue text; logs carry sizes and timings only.
 """
 from __future__ import annotations
 
+import contextlib
+
 import logging
 import re
 import time
@@ -314,6 +316,24 @@ def load_questioner(model: str = V1_REPO, device: str = "cpu", dtype: str | None
 _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 
 
+@contextlib.contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """Load without transformers' per-tensor progress bar and its tie warning: 5.x always marks
+    T5's head as tied and then warns that ChatYuan's separate head was kept (which is right; a
+    test checks the head). Missing or mis-shaped tensors are still errors, raised below."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
 def _load_model(path: Path, dtype: torch.dtype):
     """``T5ForConditionalGeneration`` from ``path``; missing or mis-shaped tensors are errors, not warnings."""
     from transformers import T5ForConditionalGeneration
@@ -325,8 +345,9 @@ def _load_model(path: Path, dtype: torch.dtype):
         raise ModelLoadError(f"{path} has no weights (expected one of {', '.join(_WEIGHT_FILES)}); re-download it")
     safetensors = present[0].startswith("model.safetensors")
     try:
-        net, info = T5ForConditionalGeneration.from_pretrained(
-            path, dtype=dtype, use_safetensors=safetensors, weights_only=True, output_loading_info=True)
+        with _quiet_transformers():
+            net, info = T5ForConditionalGeneration.from_pretrained(
+                path, dtype=dtype, use_safetensors=safetensors, weights_only=True, output_loading_info=True)
     except Exception as exc:  # wrong shapes, corrupt file, bad config, ...
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise ModelLoadError(f"could not load the BianQue-1.0 weights in {path}: {first}") from exc
