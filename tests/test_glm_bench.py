@@ -22,6 +22,8 @@ def test_bench_json_has_the_promised_fields(monkeypatch, capsys, dtype):
     result = json.loads(capsys.readouterr().out)
     assert KEYS <= set(result)
     assert all(result[k] > 0 for k in KEYS)
+    assert result["matvec_gbps_best"] >= result["matvec_gbps"]  # the median is what decoding is held to
+    assert result["decode_vs_matvec"] == pytest.approx(result["effective_gbps"] / result["matvec_gbps"])
     assert result["parameters"] == 300 * 32 + 2 * (4 * 32 + 4 * 32 * 33 + 48 * 33 + 32 * 49) + 64
 
 
