@@ -9,6 +9,7 @@ log lines carry only metadata (stage, model, lengths, timings).
 from __future__ import annotations
 
 import dataclasses
+import gc
 import logging
 import sys
 import threading
@@ -165,7 +166,21 @@ def _serve(kind: str, model: str, device: str, dtype: str | None, quantize: int 
     started = time.perf_counter()
     doctor = _loader(kind)(model, device=device, dtype=dtype, **extra)
     log.info("loaded %s on %s (%s) in %.1f s", kind, device, doctor.dtype, time.perf_counter() - started)
+    _freeze_heap()
     return Served(doctor, threading.Lock())
+
+
+def _freeze_heap() -> None:
+    """Exempt everything alive now (torch, the libraries, the model) from the garbage collector.
+
+    Streamlit runs a full collection after every script run (``runner.postScriptGC``) and holds
+    the GIL throughout: over the libraries' objects that took 0.3-0.5 s on our 2-core machine,
+    during which no queued message reached the browser, so a short reply's first characters
+    (already sent by the script) appeared up to a second late. Frozen objects are never scanned
+    again; what later runs create is still collected as usual.
+    """
+    gc.collect()  # do not freeze the loader's garbage
+    gc.freeze()
 
 
 @st.cache_resource(show_spinner=False)

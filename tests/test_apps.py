@@ -3,6 +3,7 @@ by BIANQUE_* variables or CLI arguments). Each test checks what was rendered AND
 to the real loaders and doctors (recorded by a thin wrapper around them)."""
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import sys
@@ -245,6 +246,30 @@ def test_v1_sidebar_shows_the_original_defaults(backend, v1_dir, monkeypatch):
     assert at.slider(key="v1.temperature").value == 0.7 and at.slider(key="v1.top_p").value == 1.0
     assert at.toggle(key="v1.do_sample").value is True and at.number_input(key="v1.top_k").value == 50
     assert at.number_input(key="v1.max_new_tokens").value == 512
+
+
+def test_loaded_models_are_left_out_of_the_per_run_garbage_collection(backend, v1_dir, monkeypatch):
+    """Streamlit collects all generations after every run (runner.postScriptGC), holding the GIL;
+    over torch and the model that stalled the sending of a reply's first characters by 0.3-1 s.
+    The loader freezes the heap, so those collections no longer scan the model or the libraries."""
+    at = start(V1_APP, monkeypatch, BIANQUE_V1_MODEL=v1_dir)
+    assert gc.get_freeze_count() > 0
+    model = backend["v1"].doctor.model
+    scanned = {id(o) for o in gc.get_objects()}  # every generation the collector scans, not the frozen
+    assert id(backend["v1"]) not in scanned and id(model) not in scanned
+    assert not any(id(m) in scanned for m in model.modules())
+    quick(at, "v1")
+    send(at, "我头疼三天了")  # later runs still work and their objects are collected as usual
+    assert consultation(at).messages[-1].text
+
+
+def test_served_apps_do_not_watch_their_sources():
+    """With watching on, each run that imports something new rescans all of sys.modules on the
+    event-loop thread, holding back every queued message (the first reply's first characters)."""
+    import tomllib
+
+    config = tomllib.loads((ROOT / ".streamlit" / "config.toml").read_text(encoding="utf-8"))
+    assert config["server"]["fileWatcherType"] == "none"
 
 
 def test_patient_text_never_reaches_logs_or_stdout(backend, v1_dir, monkeypatch, caplog, capfd):
