@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from ..errors import ModelLoadError
-from ..hub import resolve_checkpoint
+from ..hub import V2_REPO, resolve_checkpoint
 from ..prompt import Fit, Turn, build_prompt, fit_dialogue, validate_dialogue
 from ..sampling import SamplingParams
 from ..settings import dtype_name, torch_dtype
@@ -25,7 +25,6 @@ from .tokenizer import GLMTokenizer
 
 log = logging.getLogger(__name__)
 
-V2_REPO = "scutcyr/BianQue-2"
 # Literals the tokenizer would turn into control ids if a patient typed them (or that look like
 # control tokens to a reader: [gMASK] is plain text to the reference tokenizer but not to every
 # tool). Their brackets are swapped for the full-width look-alikes ＜＞［］ in patient and doctor

@@ -18,6 +18,7 @@ import torch
 from safetensors import safe_open
 
 from ..errors import ModelLoadError
+from ..settings import DTYPES
 from .config import GLMConfig
 from .cpu_pack import pack_embedding_, pack_linears_, packing_available
 from .model import GLMForCausalLM
@@ -29,8 +30,6 @@ HEAD = "lm_head.weight"
 # Recomputed by the model from the config (the reference never loads them either).
 IGNORED = re.compile(r"transformer\.layers\.\d+\.attention\.rotary_emb\.inv_freq")
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
-          "half": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 
 
 def as_dtype(dtype: torch.dtype | str | None) -> torch.dtype:
