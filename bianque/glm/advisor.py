@@ -69,8 +69,11 @@ class GLMAdvisor:
     name = "BianQue-2.0"
 
     def __init__(self, model: GLMForCausalLM, tokenizer: GLMTokenizer, source: str,
-                 default_params: V2Params | None = None) -> None:
+                 default_params: V2Params | None = None, compile: bool = False) -> None:
         self.model = model.eval()
+        # Every reply on a static KV cache with a torch.compile'd decode step (CUDA graphs on
+        # CUDA), compiled on the first reply and reused (the capacity is max_length, constant).
+        self.compile = compile
         self.tokenizer = tokenizer
         self.source = source
         self.default_params = default_params or V2Params()
@@ -107,15 +110,17 @@ class GLMAdvisor:
                 steps += 1
                 yield text
 
-        raw = stream_raw(self.model, self.tokenizer, query, params.max_length, params.sampling, generator=generator)
+        raw = stream_raw(self.model, self.tokenizer, query, params.max_length, params.sampling, generator=generator,
+                         compile=self.compile)
         yield from stream_pieces(counted(raw))
         log.info("v2 reply: %d new tokens, %.2fs on %s", steps, time.perf_counter() - start, self.device)
 
 
 def load_advisor(model: str = V2_REPO, device: str = "cpu", dtype: str | torch.dtype | None = None,
-                 quantize: int | None = None) -> GLMAdvisor:
+                 quantize: int | None = None, compile: bool = False) -> GLMAdvisor:
     """BianQue-2.0 from a hub id or a local directory, on `device` in `dtype`
-    (None: bfloat16 on CPU, float16 on CUDA), optionally with int8/int4 weights."""
+    (None: bfloat16 on CPU, float16 on CUDA), optionally with int8/int4 weights; `compile`:
+    decode every reply on a static KV cache with a torch.compile'd step (see generate.py)."""
     path = resolve_checkpoint(model, "BIANQUE_V2_MODEL")
     options = {}
     if device == "auto" or "," in device:  # whole blocks spread over several GPUs (placement.py)
@@ -141,5 +146,5 @@ def load_advisor(model: str = V2_REPO, device: str = "cpu", dtype: str | torch.d
     if len(tokenizer) > net.config.vocab_size:
         raise ModelLoadError(f"{path}: ice_text.model has {len(tokenizer)} pieces but the model only "
                              f"{net.config.vocab_size} embeddings; the tokenizer belongs to another checkpoint")
-    log.info("loaded BianQue-2.0 from %s on %s (%s)", path, device, dtype_name(dtype))
-    return GLMAdvisor(net, tokenizer, source=model)
+    log.info("loaded BianQue-2.0 from %s on %s (%s%s)", path, device, dtype_name(dtype), ", compiled decoding" if compile else "")
+    return GLMAdvisor(net, tokenizer, source=model, compile=compile)

@@ -36,15 +36,17 @@ def build_chat_prompt(query: str, history: Sequence[tuple[str, str]] | None = No
 
 
 def stream_raw(model, tokenizer, prompt: str, max_length: int, params: SamplingParams,
-               processors: Sequence[LogitsProcessor] = (), generator: torch.Generator | None = None) -> Iterator[str]:
-    """Decoded text of everything generated so far, after every token (the last one included)."""
+               processors: Sequence[LogitsProcessor] = (), generator: torch.Generator | None = None,
+               compile: bool = False) -> Iterator[str]:
+    """Decoded text of everything generated so far, after every token (the last one included).
+    `compile`: static KV cache and a compiled decode step (see generate_tokens)."""
     ids = tokenizer.encode(prompt)
     if len(ids) >= max_length:
         raise ValueError(f"the prompt is {len(ids)} tokens, no room to answer within max_length={max_length}")
     input_ids = torch.tensor([ids], device=model.input_device)
     new: list[int] = []
     for token in generate_tokens(model, input_ids, max_length - len(ids), params,
-                                 processors=processors, generator=generator):
+                                 processors=processors, generator=generator, compile=compile):
         new.append(int(token[0]))
         yield tokenizer.decode(new)
 

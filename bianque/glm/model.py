@@ -154,6 +154,35 @@ class KVCache:
         return self.keys[:, :, :end], self.values[:, :, :end]
 
 
+class StaticKVCache:
+    """Keys and values of one layer in buffers of FIXED capacity `[b, nh, capacity, hd]`.
+
+    `update` writes at explicit slots and returns the WHOLE buffers, so every decode step sees
+    the same shapes (what a compiled step / CUDA graph needs). Slots not written yet hold zeros
+    or stale values: the caller masks them (a mask row `[b, 1, 1, capacity]`, True = masked),
+    and a masked score's probability is exactly 0 in fp32, as with the growing cache."""
+
+    def __init__(self, batch: int, heads: int, capacity: int, head_dim: int, dtype: torch.dtype, device: torch.device):
+        shape = (batch, heads, capacity, head_dim)
+        self.keys = torch.zeros(shape, dtype=dtype, device=device)
+        self.values = torch.zeros(shape, dtype=dtype, device=device)
+
+    @property
+    def capacity(self) -> int:
+        return self.keys.shape[2]
+
+    def update(self, k: torch.Tensor, v: torch.Tensor, cache_position: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v `[b, nh, n, hd]` at slots `cache_position` (LongTensor `[n]` on the cache's
+        device); return the full buffers `[b, nh, capacity, hd]`. Only the shape is checked: the
+        slots are device data (reading them would stall the GPU), so the generator sizes the
+        cache for its whole budget and never writes past it."""
+        if k.shape[2] > self.capacity:
+            raise ValueError(f"{k.shape[2]} new positions do not fit a static KV cache of {self.capacity} slots")
+        self.keys.index_copy_(2, cache_position, k)
+        self.values.index_copy_(2, cache_position, v)
+        return self.keys, self.values
+
+
 # ----------------------------------------------------------------------------------------------
 # Modules
 # ----------------------------------------------------------------------------------------------
@@ -169,15 +198,17 @@ class SelfAttention(nn.Module):
         self.query_key_value = nn.Linear(config.hidden_size, 3 * config.hidden_size)
         self.dense = nn.Linear(config.hidden_size, config.hidden_size)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                mask: torch.Tensor | None, cache: KVCache | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
+                cache: KVCache | StaticKVCache | None, cache_position: torch.Tensor | None = None) -> torch.Tensor:
         b, s, _ = x.shape
         # q/k/v are interleaved PER HEAD: [nh, 3*hd] with q_j, k_j, v_j adjacent (not [Q|K|V]).
         qkv = self.query_key_value(x).view(b, s, self.heads, 3, self.head_dim).permute(0, 3, 2, 1, 4)
         # q and k turn in one pass, as 2*nh heads: half the small ops of a decode step's rotary.
         qk = apply_rotary_2d(qkv[:, :2].reshape(b, 2 * self.heads, s, self.head_dim), cos, sin)
         q, k, v = qk[:, :self.heads], qk[:, self.heads:], qkv[:, 2]
-        if cache is not None:
+        if cache_position is not None:   # static cache: the full buffers, unfilled slots masked
+            k, v = cache.update(k, v, cache_position)
+        elif cache is not None:
             k, v = cache.update(k, v)
         q = q / (math.sqrt(self.head_dim) * self.layer_coeff)
         scores = torch.matmul(q, k.transpose(-1, -2)).float()
@@ -209,11 +240,11 @@ class GLMBlock(nn.Module):
         self.post_attention_layernorm = nn.LayerNorm(config.hidden_size, eps=eps)
         self.mlp = GLU(config)
 
-    def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                mask: torch.Tensor | None, cache: KVCache | None) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
+                cache: KVCache | StaticKVCache | None, cache_position: torch.Tensor | None = None) -> torch.Tensor:
         # DeepNorm-style: the residual is the NORMALISED input times alpha, not the block input.
         x = self.input_layernorm(h)
-        h = RESIDUAL_ALPHA * x + self.attention(x, cos, sin, mask, cache)
+        h = RESIDUAL_ALPHA * x + self.attention(x, cos, sin, mask, cache, cache_position)
         y = self.post_attention_layernorm(h)
         return RESIDUAL_ALPHA * y + self.mlp(y)
 
@@ -246,15 +277,22 @@ class GLMForCausalLM(nn.Module):
         self.lm_head.weight = self.transformer.word_embeddings.weight
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                position_ids: torch.Tensor | None = None, *, caches: list[KVCache] | None = None,
-                last_only: bool = False, output_hidden_states: bool = False) -> GLMOutput:
+                position_ids: torch.Tensor | None = None, *, caches: list[KVCache] | list[StaticKVCache] | None = None,
+                cache_position: torch.Tensor | None = None, last_only: bool = False,
+                output_hidden_states: bool = False) -> GLMOutput:
         """input_ids `[b, s]`; attention_mask bool `[b, 1, s, total]` (True = masked) and
         position_ids `[b, 2, s]` are built from the ids when not given for a whole prompt
         (unpadded input only); cached steps take no mask unless padded, as in the reference.
         With `caches` (one KVCache per layer) the new keys/values are appended and attention
-        covers everything cached. hidden_states, when asked for, are the embedding output, the
-        output of every block but the last, and the final LayerNorm output (as the reference)."""
-        if caches is None or caches[0].length == 0:  # a whole prompt: build what was not given
+        covers everything cached. With StaticKVCaches, `cache_position` (LongTensor `[s]`) names
+        the slots to write, attention covers all `capacity` slots and the mask (then required,
+        `[b, 1, s, capacity]`) must hide the unfilled ones. hidden_states, when asked for, are
+        the embedding output, the output of every block but the last, and the final LayerNorm
+        output (as the reference)."""
+        if cache_position is not None:
+            if caches is None or position_ids is None or attention_mask is None:
+                raise ValueError("static-cache steps need caches, position_ids and a mask over every cache slot")
+        elif caches is None or caches[0].length == 0:  # a whole prompt: build what was not given
             if attention_mask is None or position_ids is None:
                 built_mask, built_positions = build_inputs(input_ids, self.config)
                 attention_mask = built_mask if attention_mask is None else attention_mask
@@ -263,11 +301,13 @@ class GLMForCausalLM(nn.Module):
             raise ValueError("cached decoding steps need position_ids (see generate.next_position_ids)")
         h = self.transformer.word_embeddings(input_ids)
         cos, sin = rotary_tables(position_ids, self.config.rotary_dim, h.dtype)
-        if attention_mask is not None and not attention_mask.any():
-            attention_mask = None   # the reference skips masking when nothing is masked
+        # The reference skips masking when nothing is masked. Not checked for static caches: the
+        # check reads device data, and masking nothing changes no score anyway.
+        if cache_position is None and attention_mask is not None and not attention_mask.any():
+            attention_mask = None
         hidden = [h]
         for i, layer in enumerate(self.transformer.layers):
-            h = layer(h, cos, sin, attention_mask, None if caches is None else caches[i])
+            h = layer(h, cos, sin, attention_mask, None if caches is None else caches[i], cache_position)
             hidden.append(h)
         h = self.transformer.final_layernorm(h)
         hidden[-1] = h
@@ -288,6 +328,13 @@ class GLMForCausalLM(nn.Module):
         c = self.config
         return [KVCache(batch, c.num_attention_heads, capacity, c.head_dim,
                         layer.input_layernorm.weight.dtype, layer.input_layernorm.weight.device)
+                for layer in self.transformer.layers]
+
+    def new_static_caches(self, batch: int, capacity: int) -> list[StaticKVCache]:
+        """One zeroed StaticKVCache of `capacity` slots per layer, placed as new_caches places them."""
+        c = self.config
+        return [StaticKVCache(batch, c.num_attention_heads, capacity, c.head_dim,
+                              layer.input_layernorm.weight.dtype, layer.input_layernorm.weight.device)
                 for layer in self.transformer.layers]
 
     @classmethod
