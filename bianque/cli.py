@@ -113,7 +113,7 @@ def load_doctors(mode: str, settings: Settings) -> dict:
 
         s = settings.v2
         print(f"loading BianQue-2.0 from {s.model} on {s.device} ...", file=sys.stderr)
-        doctors["v2"] = load_advisor(s.model, device=s.device, dtype=s.dtype, quantize=s.quantize)
+        doctors["v2"] = load_advisor(s.model, device=s.device, dtype=s.dtype, quantize=s.quantize, compile=s.compile)
     return doctors
 
 

@@ -29,6 +29,7 @@ class ModelSettings:
     device: str
     dtype: str | None = None  # None: the per-model default for the device (see torch_dtype)
     quantize: int | None = None
+    compile: bool = False  # v2 only: static KV cache + torch.compile'd decode step (CUDA graphs on CUDA)
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,8 @@ def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--v1-dtype")
     parser.add_argument("--v2-dtype")
     parser.add_argument("--quantize", type=int, choices=(4, 8), help="weight-only int4/int8 for BianQue-2")
+    parser.add_argument("--v2-compile", action="store_true", default=None,
+                        help="BianQue-2: static KV cache and a torch.compile'd decode step (CUDA graphs on CUDA)")
     parser.add_argument("--seed", type=int)
     parser.add_argument("--max-questions", type=int)
 
@@ -60,7 +63,7 @@ def settings_from_args(ns: argparse.Namespace, env: Mapping[str, str] | None = N
     def pick(*candidates: str | None) -> str | None:
         return next((c for c in candidates if c not in (None, "")), None)
 
-    def model(v: str, repo: str, quantize: int | None) -> ModelSettings:
+    def model(v: str, repo: str, quantize: int | None, compile: bool = False) -> ModelSettings:
         up = v.upper()
         return ModelSettings(
             model=pick(getattr(ns, f"{v}_model"), env.get(f"BIANQUE_{up}_MODEL")) or repo,
@@ -68,6 +71,7 @@ def settings_from_args(ns: argparse.Namespace, env: Mapping[str, str] | None = N
                         env.get("BIANQUE_DEVICE")) or default_device(),
             dtype=pick(getattr(ns, f"{v}_dtype"), ns.dtype, env.get(f"BIANQUE_{up}_DTYPE"), env.get("BIANQUE_DTYPE")),
             quantize=quantize,
+            compile=compile,
         )
 
     quantize = _int(pick(ns.quantize, env.get("BIANQUE_QUANTIZE")), "quantize")
@@ -78,7 +82,7 @@ def settings_from_args(ns: argparse.Namespace, env: Mapping[str, str] | None = N
         _check_dtype(s)
     return Settings(
         v1=model("v1", V1_REPO, None),
-        v2=model("v2", V2_REPO, quantize),
+        v2=model("v2", V2_REPO, quantize, ns.v2_compile or _flag(env.get("BIANQUE_V2_COMPILE"), "BIANQUE_V2_COMPILE")),
         seed=_int(pick(ns.seed, env.get("BIANQUE_SEED")), "seed"),
         max_questions=DEFAULT_MAX_QUESTIONS if max_q is None else max_q,
     )
@@ -101,6 +105,16 @@ def _int(value: object, name: str) -> int | None:
         return int(value)
     except (TypeError, ValueError):
         raise ValueError(f"{name} must be an integer, got {value!r}") from None
+
+
+def _flag(value: str | None, name: str) -> bool:
+    """An on/off environment variable: 1/true/yes/on or 0/false/no/off (unset or empty: off)."""
+    text = (value or "").strip().lower()
+    if text in ("", "0", "false", "no", "off"):
+        return False
+    if text in ("1", "true", "yes", "on"):
+        return True
+    raise ValueError(f"{name} must be 1 or 0 (true/false), got {value!r}")
 
 
 def _check_dtype(name: str | None) -> None:

@@ -161,8 +161,9 @@ def _loader(kind: str) -> Callable[..., Any]:
 
 
 @st.cache_resource(show_spinner=False)
-def _serve(kind: str, model: str, device: str, dtype: str | None, quantize: int | None) -> Served:
-    extra = {"quantize": quantize} if kind == "v2" else {}
+def _serve(kind: str, model: str, device: str, dtype: str | None, quantize: int | None,
+           compile: bool = False) -> Served:
+    extra = {"quantize": quantize, "compile": compile} if kind == "v2" else {}
     started = time.perf_counter()
     doctor = _loader(kind)(model, device=device, dtype=dtype, **extra)
     log.info("loaded %s on %s (%s) in %.1f s", kind, device, doctor.dtype, time.perf_counter() - started)
@@ -195,7 +196,7 @@ def _load(config: AppConfig, settings: Settings) -> dict[str, Served]:
         s = getattr(settings, kind)
         with st.spinner(f"正在加载 {MODEL_NAMES[kind]}（{s.model} → {s.device}）…", show_time=True):
             try:
-                served[kind] = _serve(kind, s.model, s.device, s.dtype, s.quantize)
+                served[kind] = _serve(kind, s.model, s.device, s.dtype, s.quantize, s.compile)
             except ModelLoadError as exc:
                 _load_error_page(kind, str(exc))
             except ImportError as exc:

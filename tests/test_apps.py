@@ -301,11 +301,16 @@ def test_v2_app_without_its_backend_says_so(backend, monkeypatch):
     assert "BianQue-2.0 暂不可用" in at.error[0].value and not at.chat_input
 
 
+def test_v2_compile_setting_reaches_the_loader(backend, v2_dir, monkeypatch):
+    start(V2_APP, monkeypatch, BIANQUE_V2_MODEL=v2_dir, BIANQUE_V2_COMPILE="1")
+    assert backend["v2"].load_kwargs["compile"] is True and backend["v2"].doctor.compile is True
+
+
 def test_v2_app_answers_with_its_defaults_and_label(backend, v2_dir, monkeypatch):
     at = start(V2_APP, monkeypatch, BIANQUE_V2_MODEL=v2_dir)
     assert at.slider(key="v2.temperature").value == 0.95 and at.slider(key="v2.top_p").value == 0.7
     assert at.number_input(key="v2.max_length").value == 2048
-    assert backend["v2"].load_kwargs == {"device": "cpu", "dtype": None, "quantize": None}
+    assert backend["v2"].load_kwargs == {"device": "cpu", "dtype": None, "quantize": None, "compile": False}
     quick(at, "v2")
     send(at, "最近总是失眠怎么办")
     (turns, params), = backend["v2"].calls

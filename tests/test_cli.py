@@ -124,3 +124,14 @@ def test_cli_missing_model_is_a_clear_error(tmp_path):
     proc = run_cli(["chat", "--mode", "v1", "--v1-model", str(tmp_path / "none"), "--json"], "hi\n")
     assert proc.returncode == 2 and proc.stdout == ""
     assert "could not load" in proc.stderr and "BIANQUE_V1_MODEL" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_load_doctors_passes_the_v2_compile_setting(monkeypatch):
+    import bianque.glm
+    from bianque.cli import load_doctors
+    from bianque.settings import parse_settings
+
+    seen = {}
+    monkeypatch.setattr(bianque.glm, "load_advisor", lambda model, **kw: seen.update(kw, model=model) or "advisor")
+    assert load_doctors("v2", parse_settings(["--v2-compile", "--v2-model", "/m/v2"], {})) == {"v2": "advisor"}
+    assert seen == {"model": "/m/v2", "device": seen["device"], "dtype": None, "quantize": None, "compile": True}

@@ -12,6 +12,7 @@ def test_defaults():
     assert s.v1.model == "scutcyr/BianQue-1.0" and s.v2.model == "scutcyr/BianQue-2"
     assert s.v1.device == s.v2.device in ("cpu", "cuda")
     assert s.max_questions == 8 and s.seed is None and s.v2.quantize is None
+    assert not s.v2.compile and not s.v1.compile
 
 
 def test_flags_beat_env_and_models_can_sit_apart():
@@ -23,10 +24,25 @@ def test_flags_beat_env_and_models_can_sit_apart():
     assert s.max_questions == 5
 
 
-@pytest.mark.parametrize("argv", [["--dtype", "int3"], ["--bogus"], ["--seed", "x"]])
+@pytest.mark.parametrize("argv, env, expected", [
+    (["--v2-compile"], {}, True), ([], {"BIANQUE_V2_COMPILE": "1"}, True), ([], {"BIANQUE_V2_COMPILE": "true"}, True),
+    ([], {"BIANQUE_V2_COMPILE": "0"}, False), ([], {"BIANQUE_V2_COMPILE": ""}, False),
+    (["--v2-compile"], {"BIANQUE_V2_COMPILE": "0"}, True),  # the flag beats the variable
+])
+def test_v2_compile_flag_and_env(argv, env, expected):
+    s = parse_settings(argv, env)
+    assert s.v2.compile is expected and s.v1.compile is False
+
+
+@pytest.mark.parametrize("argv", [["--dtype", "int3"], ["--bogus"], ["--seed", "x"], ["--v2-compile=yes"]])
 def test_bad_settings(argv):
     with pytest.raises((ValueError, SystemExit)):
         parse_settings(argv, {})
+
+
+def test_bad_compile_variable_is_named():
+    with pytest.raises(ValueError, match="BIANQUE_V2_COMPILE must be 1 or 0"):
+        parse_settings([], {"BIANQUE_V2_COMPILE": "maybe"})
 
 
 @pytest.mark.parametrize(
