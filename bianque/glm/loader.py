@@ -115,6 +115,19 @@ def release_file_pages(tensor: torch.Tensor) -> bool:
     return libc.madvise(start, end - start, mmap.MADV_DONTNEED) == 0
 
 
+def return_free_heap() -> None:
+    """Hand the C heap's free pages back to the system (glibc's malloc_trim; elsewhere nothing).
+    Quantising or packing a block frees many mid-sized temporaries that glibc otherwise keeps
+    for reuse, so resident memory creeps up block after block (measured on the 6B shape, int4
+    from .bin: peak 5.45 GB without, 5.08 GB with a trim after every block)."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc (e.g. musl)
+        pass
+
+
 def _read_safetensor(path: Path, name: str) -> torch.Tensor:
     with safe_open(str(path), framework="pt") as f:
         return f.get_tensor(name)
@@ -238,6 +251,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
             quantize_block_(block, bits)
         elif pack:
             pack_linears_(block)
+        return_free_heap()
     if device_map is not None:
         from .placement import dispatch
         dispatch(model, device_map)
