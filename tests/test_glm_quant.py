@@ -1,6 +1,10 @@
 """Weight-only int8/int4 quantisation (bianque/glm/quant.py): format, kernels, module swap, quality."""
 from __future__ import annotations
 
+import logging
+import sys
+import time
+
 import pytest
 import torch
 from torch import nn
@@ -319,3 +323,74 @@ def test_bench_random_model_quantizes_block_by_block_and_counts_its_bytes(bits, 
     result = json.loads(capsys.readouterr().out)
     assert result["quantize"] == bits and result["decode_tokens_per_s"] > 0
     assert result["weights_gb"] * 1e9 == pytest.approx(bench.weight_bytes(model))
+
+
+# ----------------------------------------------------------------------------------------------
+# cpm_kernels (optional, CUDA only): chosen only when it imports, agrees and is faster
+# ----------------------------------------------------------------------------------------------
+
+def _reference_gemv(weight, scale, x):
+    """What cpm_kernels' gemv_broadcast_mat_int8 computes, in plain torch."""
+    return (x.float() @ (weight.float() * scale.float().unsqueeze(1)).t()).half()
+
+
+@pytest.fixture
+def cpm_probe(monkeypatch):
+    monkeypatch.setattr(quant, "CPM_PROBE_SHAPE", (256, 128))
+    quant.cpm_int8_ok.cache_clear()
+    yield
+    quant.cpm_int8_ok.cache_clear()
+
+
+def test_cpm_kernels_missing_means_torch_paths(cpm_probe, monkeypatch, caplog):
+    monkeypatch.setitem(sys.modules, "cpm_kernels", None)  # `import cpm_kernels...` raises ModuleNotFoundError
+    with caplog.at_level(logging.INFO, logger="bianque.glm.quant"):
+        assert not quant.cpm_int8_ok("cpu")
+    assert "cpm_kernels unavailable (ModuleNotFoundError)" in caplog.text
+
+
+def test_cpm_kernels_that_disagree_are_not_used(cpm_probe, caplog):
+    transposed_scale = lambda w, s, x: (x.float() @ (w.float() * s.float().flip(0).unsqueeze(1)).t()).half()  # noqa: E731
+    with caplog.at_level(logging.WARNING, logger="bianque.glm.quant"):
+        assert not quant.cpm_int8_ok("cpu", transposed_scale)
+    assert "disagrees with the plain path" in caplog.text
+
+    def broken(w, s, x):
+        raise RuntimeError("CUDA Error: no kernel image is available")
+    assert not quant.cpm_int8_ok("cpu", broken)
+
+
+def test_cpm_kernels_are_used_only_when_faster(cpm_probe, monkeypatch):
+    def slow(w, s, x):
+        time.sleep(0.003)
+        return _reference_gemv(w, s, x)
+    assert not quant.cpm_int8_ok("cpu", slow)
+
+    plain = quant._matmul_rows
+    def slow_plain(module, x):
+        time.sleep(0.003)
+        return plain(module, x)
+    monkeypatch.setattr(quant, "_matmul_rows", slow_plain)
+    assert quant.cpm_int8_ok("cpu", _reference_gemv)
+
+
+def test_cpm_layout_is_chosen_for_int8_fp16_on_cuda_only(monkeypatch):
+    monkeypatch.setattr(quant, "cpm_int8_ok", lambda device: True)
+    cuda = torch.device("cuda", 0)
+    assert quant.choose_layout(8, cuda, torch.float16, 64, 128) == "cpm_int8"
+    assert quant.choose_layout(8, cuda, torch.bfloat16, 64, 128) == "rows"     # the kernel is fp16 only
+    assert quant.choose_layout(8, cuda, torch.float16, 64, 130) == "rows"      # in_features % 4
+    assert quant.choose_layout(8, torch.device("cpu"), torch.float16, 64, 128) == "rows"
+    monkeypatch.setattr(quant, "cpm_int8_ok", lambda device: False)
+    assert quant.choose_layout(8, cuda, torch.float16, 64, 128) == "rows"
+
+
+def test_cpm_layout_passes_the_reference_tensors_to_the_kernel(monkeypatch):
+    """The module hands cpm the reference-layout int8 weight and its row scales unchanged."""
+    module = QuantLinear.from_linear(nn.Linear(128, 64), 8)
+    calls = []
+    monkeypatch.setattr(quant, "cpm_gemv_int8", lambda w, s, x: calls.append((w, s)) or _reference_gemv(w, s, x))
+    x = torch.randn(2, 128).half()
+    y = quant._MATMULS["cpm_int8"](module, x)
+    assert calls[0][0] is module.weight and calls[0][1] is module.weight_scale
+    torch.testing.assert_close(y.float(), _dequantized_linear(module, x.float()) - module.bias, atol=2e-2, rtol=2e-2)

@@ -10,14 +10,20 @@ At run time a module keeps its weights in whichever layout the fastest working k
 - int8: torch's `_weight_int8pack_mm` for decode-sized inputs, dequantise-then-matmul otherwise;
 - int4 on CPU: torch's `_weight_int4pack_mm_for_cpu` (its own tiled nibble layout);
 - int4 on CUDA in bf16: torch's `_weight_int4pack_mm` (tinygemm's tiled layout);
+- int8 on CUDA in fp16, when the optional `cpm_kernels` (the reference's CUDA kernel package,
+  `pip install .[cuda]`) imports: its `gemv_broadcast_mat_int8` on the reference layout, but only
+  if it also beats the path it would replace on this GPU (`cpm_int8_ok`);
 - anything else: plain PyTorch dequantise-then-matmul on the reference layout (works everywhere).
 A kernel is used only after it reproduced the plain path on a small random case on that device
 and dtype (`kernel_ok`), so a torch build without it silently falls back instead of failing.
+(The reference's own int4/int8 "weight extraction" kernels are not in cpm_kernels: they are a
+compiled blob inside the checkpoint's remote quantization.py, which we never execute.)
 """
 from __future__ import annotations
 
 import functools
 import logging
+import time
 
 import torch
 import torch.nn.functional as F
@@ -159,14 +165,36 @@ def _matmul_cuda_int4(module: QuantLinear, x: torch.Tensor) -> torch.Tensor:
         x, module.weight, _int4_group_size(module.in_features), module.scales_and_zeros.to(x.dtype))
 
 
-_MATMULS = {"rows": _matmul_rows, "cpu_int4": _matmul_cpu_int4, "cuda_int4": _matmul_cuda_int4}
-_LAYOUT_DEVICE = {"cpu_int4": "cpu", "cuda_int4": "cuda"}
+def cpm_gemv_int8(weight: torch.Tensor, scale: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """x `[m, in]` fp16 · (weight int8 `[out, in]` · scale fp16 `[out]`)ᵀ with cpm_kernels'
+    gemv_broadcast_mat_int8 (all on one CUDA device, contiguous; `in` a multiple of 4)."""
+    from cpm_kernels.kernels import gemv_broadcast_mat_int8
+
+    weight, scale, x = weight.contiguous(), scale.to(torch.float16).contiguous(), x.contiguous()
+    out = torch.empty(x.shape[0], weight.shape[0], dtype=torch.float16, device=x.device)
+    with torch.cuda.device(x.device):
+        gemv_broadcast_mat_int8(x.shape[0], weight.shape[0], weight.shape[1], scale.data_ptr(), weight.data_ptr(),
+                                x.data_ptr(), out.data_ptr(), torch.cuda.current_stream(x.device).cuda_stream)
+    return out
+
+
+def _matmul_cpm_int8(module: QuantLinear, x: torch.Tensor) -> torch.Tensor:
+    return cpm_gemv_int8(module.weight, module.weight_scale, x)
+
+
+_MATMULS = {"rows": _matmul_rows, "cpu_int4": _matmul_cpu_int4, "cuda_int4": _matmul_cuda_int4,
+            "cpm_int8": _matmul_cpm_int8}
+_LAYOUT_DEVICE = {"cpu_int4": "cpu", "cuda_int4": "cuda", "cpm_int8": "cuda"}
 
 
 def choose_layout(bits: int, device: torch.device, dtype: torch.dtype, out_features: int, in_features: int) -> str:
     """The runtime layout for a weight of this shape living on `device` and computing in `dtype`."""
     check_bits(bits)
-    if bits == 8 or _int4_group_size(in_features) is None:
+    if bits == 8:
+        if device.type == "cuda" and dtype == torch.float16 and in_features % 4 == 0 and cpm_int8_ok(str(device)):
+            return "cpm_int8"
+        return "rows"
+    if _int4_group_size(in_features) is None:
         return "rows"
     if device.type == "cpu" and kernel_ok("cpu_int4", "cpu", dtype):
         return "cpu_int4"
@@ -203,6 +231,62 @@ def kernel_ok(kind: str, device_type: str, dtype: torch.dtype) -> bool:
     if not ok:
         log.warning("weight-only kernel %s on %s/%s disagrees with the plain path; not using it", kind, device_type, dtype)
     return ok
+
+
+# The cpm probe: a decode-sized product on a BianQue-2-sized matrix (the MLP's 16384 x 4096).
+CPM_PROBE_SHAPE = (16384, 4096)
+
+
+@functools.lru_cache(maxsize=None)
+def cpm_int8_ok(device: str, gemv=None) -> bool:
+    """Whether cpm_kernels' int8 gemv should serve int8 fp16 linears on this CUDA device: it must
+    import, reproduce the plain path on a random case, and be faster than the plain path on a
+    decode step (its launch uses one thread block per input row, which on a large GPU can lose
+    to torch). `gemv` replaces cpm_gemv_int8 (tests)."""
+    gemv = gemv or cpm_gemv_int8
+    try:
+        if gemv is cpm_gemv_int8:
+            import cpm_kernels.kernels  # noqa: F401  (the optional extra)
+    except Exception as err:  # noqa: BLE001  (a broken CUDA/cpm install raises anything at import)
+        log.info("cpm_kernels unavailable (%s); int8 uses torch's kernels or dequantise-then-matmul", type(err).__name__)
+        return False
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randint(-127, 128, (96, 256), generator=gen, dtype=torch.int8)
+    scale = (torch.rand(96, generator=gen) / 50 + 1e-3).half()
+    x = torch.randn(3, 256, generator=gen).half()
+    expected = x.float() @ (q.float() * scale.float().unsqueeze(1)).t()
+    try:
+        got = gemv(q.to(device), scale.to(device), x.to(device)).float().cpu()
+    except Exception as err:  # noqa: BLE001  (driver and launch errors surface as many types)
+        log.warning("cpm_kernels int8 gemv failed its self-check on %s (%s); not using it", device, type(err).__name__)
+        return False
+    if not bool((got - expected).abs().max() <= 1e-2 * expected.abs().max()):
+        log.warning("cpm_kernels int8 gemv disagrees with the plain path on %s; not using it", device)
+        return False
+    out_features, in_features = CPM_PROBE_SHAPE
+    rows = QuantLinear(in_features, out_features, 8, bias=False, device="meta")
+    rows.weight = torch.randint(-127, 128, CPM_PROBE_SHAPE, dtype=torch.int8, device=device)  # reference layout
+    rows.weight_scale = torch.rand(out_features, device=device).half()
+    one = torch.randn(1, in_features, device=device).half()
+    ours = _median_seconds(lambda: gemv(rows.weight, rows.weight_scale, one), device)
+    theirs = _median_seconds(lambda: _matmul_rows(rows, one), device)
+    log.info("int8 decode product on %s: cpm_kernels %.3f ms, torch %.3f ms", device, 1e3 * ours, 1e3 * theirs)
+    return ours < theirs
+
+
+def _median_seconds(fn, device: str, runs: int = 9) -> float:
+    def sync() -> None:
+        if torch.device(device).type == "cuda":
+            torch.cuda.synchronize(device)
+    fn()
+    times = []
+    for _ in range(runs):
+        sync()
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - start)
+    return sorted(times)[runs // 2]
 
 
 class _KernelProbe:
