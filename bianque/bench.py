@@ -8,7 +8,10 @@ says how close the generator gets to the hardware. `--json` prints one JSON obje
 `--checkpoint DIR` loads real files instead (and reports the load time); `--consultation 30`
 then runs a 30-turn consultation through the advisor and reports memory when the dialogue first
 fills `--max-length` and after the last turn (both must be equal: the prompt and KV cache are
-bounded by max_length, whatever the dialogue's length).
+bounded by max_length, whatever the dialogue's length). `--compile` times the static-cache,
+torch.compile'd decode step (CUDA graphs on CUDA); the compile happens in the warm-up and is
+reported apart (`compile_s`). On CUDA the decode is also compared with the GPU's memory
+bandwidth limit from its clock and bus width (`--bandwidth-gbps` overrides it).
 """
 from __future__ import annotations
 
@@ -26,7 +29,7 @@ import torch
 
 from .glm.config import GLMConfig
 from .glm.cpu_pack import PackedEmbedding, PackedRows, pack_embedding_, pack_linears_, packing_available
-from .glm.generate import generate_tokens
+from .glm.generate import generate_tokens, static_decoder
 from .glm.model import GLMForCausalLM
 from .glm.quant import quantize_block_
 
@@ -54,6 +57,8 @@ class BenchConfig:
     consultation: int = 0
     max_length: int = 512
     tokenizer: str | None = None
+    compile: bool = False
+    bandwidth_gbps: float | None = None  # overrides the limit read from the GPU's properties
 
 
 def _fill_(tensor: torch.Tensor, bound: float, generator: torch.Generator) -> None:
@@ -147,15 +152,32 @@ def prompt_ids(config: GLMConfig, length: int, device: torch.device) -> torch.Te
 
 
 def time_generation(model: GLMForCausalLM, ids: torch.Tensor, new_tokens: int,
-                    device: torch.device) -> tuple[float, list[float]]:
+                    device: torch.device, compile: bool = False) -> tuple[float, list[float]]:
     """(time to first token, seconds of every later step), greedy, through the real generator."""
     stamps = []
     synchronize(device)
     start = time.perf_counter()
-    for _ in generate_tokens(model, ids, new_tokens):
+    for _ in generate_tokens(model, ids, new_tokens, compile=compile):
         synchronize(device)
         stamps.append(time.perf_counter())
     return stamps[0] - start, [b - a for a, b in zip(stamps, stamps[1:])]
+
+
+def bandwidth_from_properties(props: object) -> float | None:
+    """Peak DRAM bandwidth in GB/s from CUDA device properties: double data rate x memory clock
+    (kHz) x bus width (bits) / 8; None when the fields are absent or 0."""
+    clock_khz, bus_bits = getattr(props, "memory_clock_rate", 0), getattr(props, "memory_bus_width", 0)
+    if not clock_khz or not bus_bits:
+        return None
+    return 2 * clock_khz * 1e3 * bus_bits / 8 / GB
+
+
+def bandwidth_limit_gbps(device: torch.device) -> float | None:
+    """The memory-bandwidth limit a decode step is held to on a GPU (None on CPU: there the
+    measured matrix-vector bandwidth is the reference)."""
+    if device.type != "cuda":
+        return None
+    return bandwidth_from_properties(torch.cuda.get_device_properties(device))
 
 
 def peak_memory_gb(device: torch.device) -> float:
@@ -246,14 +268,22 @@ def run_glm(cfg: BenchConfig) -> dict:
         model = random_model(config, dtype, device, pack, quantize=cfg.quantize)
     load_peak = peak_memory_gb(device)
     ids = prompt_ids(config, cfg.prompt_tokens, device)
-    time_generation(model, ids[:, -16:], 3, device)  # warm-up: kernels, allocator
-    runs = [time_generation(model, ids, cfg.new_tokens, device) for _ in range(cfg.repeats)]
+    if cfg.compile:  # warm-up in the timed shapes: compiling (and recording CUDA graphs) happens here
+        warm_ttft, warm_steps = time_generation(model, ids, cfg.new_tokens, device, compile=True)
+    else:
+        time_generation(model, ids[:, -16:], 3, device)  # warm-up: kernels, allocator
+    runs = [time_generation(model, ids, cfg.new_tokens, device, cfg.compile) for _ in range(cfg.repeats)]
     ttft = min(r[0] for r in runs)
     # The median step, not the mean: on a shared machine a few steps lose the CPU to other jobs,
     # and the bandwidth probe above is a best-of too. The mean is reported as well.
     steps = sorted(step for r in runs for step in r[1])
     per_token, mean_step = steps[len(steps) // 2], sum(steps) / len(steps)
     size = weight_bytes(model)
+    limit = cfg.bandwidth_gbps or bandwidth_limit_gbps(device)
+    compiled = compile_s = None
+    if cfg.compile:  # the warm-up's extra time over the fastest timed run of the same shapes
+        compiled = static_decoder(model, True).compiled is not None
+        compile_s = max(0.0, warm_ttft + sum(warm_steps) - min(r[0] + sum(r[1]) for r in runs))
     return {
         "preset": cfg.preset, "dtype": cfg.dtype, "device": str(device), "threads": torch.get_num_threads(),
         "packed": pack, "parameters": size // model.transformer.final_layernorm.weight.element_size(),
@@ -262,6 +292,8 @@ def run_glm(cfg: BenchConfig) -> dict:
         "decode_tokens_per_s": 1.0 / per_token, "decode_tokens_per_s_mean": 1.0 / mean_step,
         "effective_gbps": size / per_token / GB,
         "matvec_gbps": matvec, "decode_vs_matvec": size / per_token / GB / matvec, "matvec_gbps_best": matvec_best,
+        "bandwidth_limit_gbps": limit, "decode_vs_limit": size / per_token / GB / limit if limit else None,
+        "compile": cfg.compile, "compiled": compiled, "compile_s": compile_s,
         "peak_memory_gb": peak_memory_gb(device), "quantize": cfg.quantize,
         "checkpoint": cfg.checkpoint, "load_s": load_s, "peak_memory_after_load_gb": load_peak,
         **(run_consultation(model, cfg.tokenizer or cfg.checkpoint, cfg.consultation, cfg.max_length, device)
@@ -273,13 +305,17 @@ def report(result: dict) -> str:
     return "\n".join([
         f"ChatGLM {result['preset']} ({result['parameters'] / 1e6:.0f}M parameters, {result['weights_gb']:.2f} GB) "
         f"in {result['dtype']} on {result['device']} ({result['threads']} threads"
-        f"{', packed weights' if result['packed'] else ''})",
+        f"{', packed weights' if result['packed'] else ''}"
+        f"{(', compiled decode step' if result['compiled'] else ', static cache, eager steps (compile failed)') if result['compile'] else ''})",
         f"  prefill  {result['prefill_tokens_per_s']:10.1f} tokens/s  ({result['prompt_tokens']}-token prompt)",
         f"  TTFT     {result['ttft_s']:10.3f} s",
         f"  decode   {result['decode_tokens_per_s']:10.2f} tokens/s (median step; mean {result['decode_tokens_per_s_mean']:.2f})",
         f"  weights read per token / decode time: {result['effective_gbps']:.1f} GB/s "
         f"= {100 * result['decode_vs_matvec']:.0f}% of measured matrix-vector bandwidth {result['matvec_gbps']:.1f} GB/s "
         f"(median; best {result['matvec_gbps_best']:.1f})",
+        *([f"  = {100 * result['decode_vs_limit']:.0f}% of the memory-bandwidth limit {result['bandwidth_limit_gbps']:.0f} GB/s"]
+          if result["bandwidth_limit_gbps"] else []),
+        *([f"  compile  {result['compile_s']:10.1f} s (warm-up, not in the figures above)"] if result["compile"] else []),
         f"  peak memory {result['peak_memory_gb']:.2f} GB ({'max_memory_allocated' if result['device'].startswith('cuda') else 'RSS'})",
         *([f"  loaded {result['checkpoint']} in {result['load_s']:.1f} s "
            f"(peak memory after loading {result['peak_memory_after_load_gb']:.2f} GB)"] if result["load_s"] is not None else []),
@@ -310,6 +346,10 @@ def parse_args(argv: list[str] | None) -> tuple[BenchConfig, bool]:
                      help="then run a consultation of this many turns and report its memory (e.g. 30)")
     glm.add_argument("--max-length", type=int, default=512, help="the consultation's max_length (default 512)")
     glm.add_argument("--tokenizer", help="directory with ice_text.model + tokenizer_config.json (default: --checkpoint)")
+    glm.add_argument("--compile", action="store_true",
+                     help="static KV cache + torch.compile'd decode step (CUDA graphs on CUDA); compile time reported apart")
+    glm.add_argument("--bandwidth-gbps", type=float, default=None,
+                     help="memory-bandwidth limit to compare decoding with (default: from the GPU's properties)")
     glm.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args(argv)
     big = args.preset == "6b"
@@ -319,7 +359,8 @@ def parse_args(argv: list[str] | None) -> tuple[BenchConfig, bool]:
         parser.error("--consultation needs --tokenizer DIR (or --checkpoint DIR)")
     cfg = BenchConfig(preset=args.preset, dtype=args.dtype, device=args.device, pack=not args.no_pack,
                       quantize=args.quantize, checkpoint=args.checkpoint, consultation=args.consultation,
-                      max_length=args.max_length, tokenizer=args.tokenizer)
+                      max_length=args.max_length, tokenizer=args.tokenizer, compile=args.compile,
+                      bandwidth_gbps=args.bandwidth_gbps)
     cfg = replace(cfg, prompt_tokens=args.prompt_tokens or (64 if big else 128),
                   new_tokens=args.new_tokens or (12 if big else 32), repeats=args.repeats or (1 if big else 3),
                   matvec_mb=args.matvec_mb or (256 if big else 512))

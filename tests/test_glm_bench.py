@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import shutil
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -33,3 +35,38 @@ def test_weight_bytes_counts_each_tied_parameter_once():
     unique = {id(p): p for p in model.parameters()}.values()
     assert bench.weight_bytes(model) == sum(p.numel() * p.element_size() for p in unique)
     assert torch.isfinite(model(bench.prompt_ids(TINY, 6, torch.device("cpu"))).logits).all()
+
+
+@pytest.mark.skipif(not (shutil.which("g++") or shutil.which("c++")), reason="torch.compile on CPU needs g++")
+def test_bench_compile_times_the_compiled_step_and_reports_the_limit(monkeypatch, capsys):
+    monkeypatch.setitem(bench.PRESETS, "mid", TINY)
+    argv = ["glm", "--preset", "mid", "--prompt-tokens", "8", "--new-tokens", "4", "--repeats", "1",
+            "--matvec-mb", "8", "--compile", "--bandwidth-gbps", "50", "--json"]
+    try:
+        assert bench.main(argv) == 0
+        result = json.loads(capsys.readouterr().out)
+        assert result["compile"] is True and result["compiled"] is True and result["compile_s"] > 0
+        assert KEYS <= set(result) and all(result[k] > 0 for k in KEYS)
+        assert result["bandwidth_limit_gbps"] == 50
+        assert result["decode_vs_limit"] == pytest.approx(result["effective_gbps"] / 50)
+        text = bench.report(result)
+        assert "compiled decode step" in text and "of the memory-bandwidth limit 50 GB/s" in text and "compile " in text
+    finally:
+        torch._dynamo.reset()
+
+
+def test_bandwidth_limit_from_device_properties():
+    h100 = SimpleNamespace(memory_clock_rate=2_619_000, memory_bus_width=5120)  # kHz, bits (H100 SXM)
+    assert bench.bandwidth_from_properties(h100) == pytest.approx(3352.32)
+    assert bench.bandwidth_from_properties(SimpleNamespace(memory_clock_rate=0, memory_bus_width=5120)) is None
+    assert bench.bandwidth_from_properties(object()) is None
+    assert bench.bandwidth_limit_gbps(torch.device("cpu")) is None
+
+
+def test_bench_without_a_limit_keeps_it_out_of_the_report(monkeypatch, capsys):
+    monkeypatch.setitem(bench.PRESETS, "mid", TINY)
+    assert bench.main(["glm", "--preset", "mid", "--prompt-tokens", "8", "--new-tokens", "4", "--repeats", "1",
+                       "--matvec-mb", "8", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["bandwidth_limit_gbps"] is None and result["decode_vs_limit"] is None
+    assert result["compile"] is False and result["compiled"] is None and result["compile_s"] is None

@@ -23,6 +23,7 @@ from tests.tiny_glm import build_tiny_glm
 STATIC_TOL = dict(atol=1e-5, rtol=0)
 # Inductor fuses and reorders fp32 reductions; the logits of the tiny model are O(1-10).
 COMPILED_TOL = dict(atol=1e-4, rtol=1e-4)
+ADVISOR_MAX_LENGTH = 64
 PROMPTS = ["病人：我头疼三天了\n医生：", "病人：宝宝发烧\n医生：多久了？\n病人：两天了，晚上咳嗽\n医生："]
 needs_cxx = pytest.mark.skipif(not (shutil.which("g++") or shutil.which("c++")),
                                reason="torch.compile on CPU needs a C++ compiler (g++)")
@@ -177,13 +178,16 @@ def test_static_caches_are_reused_across_calls_and_zeroed(model, tokenizer):
 # --- the compiled step (CPU: Inductor's C++ kernels) -----------------------------------------
 
 @needs_cxx
-def test_compiled_step_matches_eager_static_on_a_padded_batch(model, tokenizer):
-    given = padded(tokenizer)
-    eager = run(model, given, 12, static=True)
-    compiled = run(model, given, 12, compile=True)
+def test_compiled_step_matches_eager_static(model, tokenizer):
+    """Batch 1 with the advisor test's budget (ADVISOR_MAX_LENGTH), so both use one compiled
+    graph; the padded batch's mask row is plain input data to the same step (tested eagerly)."""
+    given = single(tokenizer)
+    new = ADVISOR_MAX_LENGTH - given["input_ids"].shape[1]
+    eager = run(model, given, new, static=True)
+    compiled = run(model, given, new, compile=True)
     assert static_decoder(model, True).compiled is not None  # compiled, not fallen back to eager
     assert_same_run(compiled, eager, COMPILED_TOL)
-    again = run(model, given, 12, compile=True)  # reused: no second compile, same numbers
+    again = run(model, given, new, compile=True)  # reused: no second compile, same numbers
     assert_same_run(again, compiled, dict(atol=0, rtol=0))
 
 
@@ -215,9 +219,10 @@ def test_packed_bfloat16_falls_back_to_eager_static_steps(tiny_dir, tokenizer, c
 
 @needs_cxx
 def test_advisor_replies_with_the_compiled_step(model, tokenizer):
-    greedy = V2Params(sampling=SamplingParams(do_sample=False), max_length=64, min_answer_tokens=32)
+    greedy = V2Params(sampling=SamplingParams(do_sample=False), max_length=ADVISOR_MAX_LENGTH, min_answer_tokens=32)
     turns = [Turn(PATIENT, "我头疼三天了")]
     plain = "".join(GLMAdvisor(model, tokenizer, "tiny", greedy).reply(turns))
     advisor = GLMAdvisor(model, tokenizer, "tiny", greedy, compile=True)
+    assert advisor.prompt(turns) == PROMPTS[0]  # the shapes test_compiled_step_matches_eager_static compiled
     assert "".join(advisor.reply(turns)) == plain
     assert static_decoder(model, True).spare[0].capacity == greedy.max_length  # prompt + answer budget
