@@ -302,8 +302,13 @@ def test_v2_app_without_its_backend_says_so(backend, monkeypatch):
 
 
 def test_v2_compile_setting_reaches_the_loader(backend, v2_dir, monkeypatch):
+    from bianque.glm.advisor import GLMAdvisor
+
+    warmed = []  # the real warm-up compiles (tested in test_glm_static); here: that loading asks for it
+    monkeypatch.setattr(GLMAdvisor, "warm_up", lambda self: warmed.append(self.compile))
     start(V2_APP, monkeypatch, BIANQUE_V2_MODEL=v2_dir, BIANQUE_V2_COMPILE="1")
     assert backend["v2"].load_kwargs["compile"] is True and backend["v2"].doctor.compile is True
+    assert warmed == [True]
 
 
 def test_v2_app_answers_with_its_defaults_and_label(backend, v2_dir, monkeypatch):

@@ -224,5 +224,9 @@ def test_advisor_replies_with_the_compiled_step(model, tokenizer):
     plain = "".join(GLMAdvisor(model, tokenizer, "tiny", greedy).reply(turns))
     advisor = GLMAdvisor(model, tokenizer, "tiny", greedy, compile=True)
     assert advisor.prompt(turns) == PROMPTS[0]  # the shapes test_compiled_step_matches_eager_static compiled
+    static_decoder(model, True).spare = None
+    advisor.warm_up()  # what load_advisor(compile=True) does: the default budget's graph, caches given back
+    warm = static_decoder(model, True).spare
+    assert warm[0].capacity == greedy.max_length and static_decoder(model, True).proven
     assert "".join(advisor.reply(turns)) == plain
-    assert static_decoder(model, True).spare[0].capacity == greedy.max_length  # prompt + answer budget
+    assert static_decoder(model, True).spare is warm  # the reply reused the warm-up's caches

@@ -16,7 +16,7 @@ import torch
 
 from ..errors import ModelLoadError
 from ..hub import V2_REPO, resolve_checkpoint
-from ..prompt import Fit, Turn, build_prompt, fit_dialogue, validate_dialogue
+from ..prompt import PATIENT, Fit, Turn, build_prompt, fit_dialogue, validate_dialogue
 from ..sampling import SamplingParams
 from ..settings import dtype_name, torch_dtype
 from .chat import stream_pieces, stream_raw
@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 CONTROL_LITERALS = ("<sop>", "<eop>", "[MASK]", "[gMASK]", "<pad>", "<unk>")
 _CONTROL = re.compile("|".join(re.escape(t) for t in CONTROL_LITERALS))
 _LOOK_ALIKE = str.maketrans({"<": "＜", ">": "＞", "[": "［", "]": "］"})
+WARM_UP_MESSAGE = "你好"  # a fixed greeting: compiling never sees a patient's words
 
 
 def neutralise_control_tokens(text: str) -> str:
@@ -79,6 +80,17 @@ class GLMAdvisor:
         self.default_params = default_params or V2Params()
         weight = model.transformer.final_layernorm.weight  # linears may be quantised or packed
         self.device, self.dtype = str(weight.device), dtype_name(weight.dtype)
+
+    def warm_up(self) -> None:
+        """Compile the decode step now rather than in the first reply: two greedy steps of a
+        fixed greeting (no patient text) with the default max_length, the shape every default
+        reply then reuses."""
+        query = build_prompt([Turn(PATIENT, WARM_UP_MESSAGE)])
+        raw = stream_raw(self.model, self.tokenizer, query, self.default_params.max_length,
+                         SamplingParams(do_sample=False), compile=self.compile)
+        for _ in zip(range(2), raw):
+            pass
+        raw.close()  # gives the static caches back for the first reply
 
     def fit(self, turns: Sequence[Turn], params: V2Params | None = None) -> Fit:
         """The (neutralised) dialogue `reply` sends: oldest turns dropped to fit the prompt budget."""
@@ -146,5 +158,10 @@ def load_advisor(model: str = V2_REPO, device: str = "cpu", dtype: str | torch.d
     if len(tokenizer) > net.config.vocab_size:
         raise ModelLoadError(f"{path}: ice_text.model has {len(tokenizer)} pieces but the model only "
                              f"{net.config.vocab_size} embeddings; the tokenizer belongs to another checkpoint")
+    advisor = GLMAdvisor(net, tokenizer, source=model, compile=compile)
+    if compile:
+        start = time.perf_counter()
+        advisor.warm_up()
+        log.info("BianQue-2.0 decode step compiled (warm-up) in %.1f s", time.perf_counter() - start)
     log.info("loaded BianQue-2.0 from %s on %s (%s%s)", path, device, dtype_name(dtype), ", compiled decoding" if compile else "")
-    return GLMAdvisor(net, tokenizer, source=model, compile=compile)
+    return advisor
