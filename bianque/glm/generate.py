@@ -26,8 +26,11 @@ LogitsProcessor = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (ids [
 
 def next_position_ids(position_ids: torch.Tensor) -> torch.Tensor:
     """Positions `[b, 2, 1]` of the next generated token: the position channel stays at the
-    mask token's index, the block position counts up by one."""
-    return position_ids + torch.tensor([0, 1], device=position_ids.device).view(1, 2, 1)
+    mask token's index, the block position counts up by one. Built on the device (no host
+    tensor copied in every step: on CUDA that copy would wait for the queued kernels)."""
+    step = position_ids.clone()
+    step[:, 1] += 1
+    return step
 
 
 def decode_mask_row(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
@@ -82,7 +85,7 @@ class StaticDecoder:
     graphs (CUDA graphs: fixed addresses) are replayed instead of re-recorded."""
 
     def __init__(self, model: GLMForCausalLM, compile: bool):
-        self.model, self.step, self.compiled, self.proven = model, decode_step, None, False
+        self.model, self.compiled, self.proven = model, None, False
         self.spare: list[StaticKVCache] | None = None
         if compile:
             _kernel_checks_are_constant()
