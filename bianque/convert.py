@@ -103,16 +103,17 @@ def split_shards(plan: list[Planned], max_shard_bytes: int) -> list[list[Planned
 
 
 def converted(item: Planned, tensor: torch.Tensor, dtype: torch.dtype | None) -> Iterator[tuple[str, torch.Tensor]]:
-    """The output tensor(s) for one planned source tensor."""
+    """The output tensor(s) for one planned source tensor, always new memory (never a view of
+    the source file, whose pages are released once it is converted)."""
     target = dtype or tensor.dtype
     if item.bits:
         q, scale = quantize_weight(tensor, item.bits, target)
         yield item.name, (pack_int4(q) if item.bits == 4 else q)
         yield item.name + "_scale", scale
     elif tensor.is_floating_point():
-        yield item.name, tensor.to(target).contiguous()
+        yield item.name, tensor.to(target, memory_format=torch.contiguous_format, copy=True)
     else:
-        yield item.name, tensor.contiguous()
+        yield item.name, tensor.clone(memory_format=torch.contiguous_format)
 
 
 def convert(src: str | Path, dst: str | Path, dtype: str | None = None, quantize: int | None = None,
@@ -143,7 +144,9 @@ def convert(src: str | Path, dst: str | Path, dtype: str | None = None, quantize
         filename = f"model-{number:05d}-of-{len(shards):05d}.safetensors"
         tensors = {}
         for item in shard:
-            for name, tensor in converted(item, index.take(item.source), torch_dtype):
+            # Converted, then the source's file pages released: a `.bin` source is not resident next
+            # to the shard being written (6B fp16 .bin -> bf16: peak 14.1 GB before, see README).
+            for name, tensor in index.take(item.source, lambda t: list(converted(item, t, torch_dtype))):
                 tensors[name] = tensor
                 weight_map[name] = filename
                 total += tensor.numel() * tensor.element_size()

@@ -162,3 +162,18 @@ def test_cli_and_errors(tiny, tmp_path, capsys):
     assert "differ" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main([str(tiny), str(tmp_path / "y"), "--dtype", "int3"])
+
+
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16])
+def test_converted_tensors_never_alias_the_source(dtype):
+    """The source's file pages are released right after conversion, so outputs must be copies,
+    contiguous, even when no dtype change is asked for."""
+    source = torch.randn(8, 6)[:, ::2]  # a non-contiguous view
+    item = convert_module.Planned("x", "x", tuple(source.shape), None, 0)
+    (name, out), = convert_module.converted(item, source, dtype)
+    assert name == "x" and out.is_contiguous()
+    assert out.untyped_storage().data_ptr() != source.untyped_storage().data_ptr()
+    torch.testing.assert_close(out.float(), source.to(dtype or source.dtype).float())
+    ids = torch.arange(6).view(2, 3)
+    (_, same), = convert_module.converted(item, ids, dtype)
+    assert torch.equal(same, ids) and same.untyped_storage().data_ptr() != ids.untyped_storage().data_ptr()
