@@ -79,7 +79,10 @@ class GLMAdvisor:
         self.source = source
         self.default_params = default_params or V2Params()
         weight = model.transformer.final_layernorm.weight  # linears may be quantised or packed
-        self.device, self.dtype = str(weight.device), dtype_name(weight.dtype)
+        bits = getattr(model.transformer.layers[0].mlp.dense_h_to_4h, "bits", None)
+        # What the sidebar and transcripts show, e.g. "bfloat16" or "bfloat16 · int4".
+        self.device = str(weight.device)
+        self.dtype = dtype_name(weight.dtype) + (f" · int{bits}" if bits else "")
 
     def warm_up(self) -> None:
         """Compile the decode step now rather than in the first reply: two greedy steps of a
