@@ -73,7 +73,8 @@ class GLMAdvisor:
                  default_params: V2Params | None = None, compile: bool = False) -> None:
         self.model = model.eval()
         # Every reply on a static KV cache with a torch.compile'd decode step (CUDA graphs on
-        # CUDA), compiled on the first reply and reused (the capacity is max_length, constant).
+        # CUDA), compiled once (warm_up, else the first reply) and reused: the capacity is
+        # max_length whatever the prompt, so only a new max_length compiles again.
         self.compile = compile
         self.tokenizer = tokenizer
         self.source = source
