@@ -126,15 +126,25 @@ def matvec_gbps(dtype: torch.dtype, device: torch.device, megabytes: int, repeat
     return size / times[len(times) // 2] / GB, size / times[0] / GB
 
 
+def parameter_count(c: GLMConfig) -> int:
+    """Unique parameters of the shape (the head is the embedding)."""
+    per_layer = 4 * c.hidden_size + 3 * c.hidden_size * (c.hidden_size + 1) + c.hidden_size * (c.hidden_size + 1) \
+        + c.inner_hidden_size * (c.hidden_size + 1) + c.hidden_size * (c.inner_hidden_size + 1)
+    return c.vocab_size * c.hidden_size + c.num_layers * per_layer + 2 * c.hidden_size
+
+
+def preset_name(config: GLMConfig) -> str:
+    """The preset whose shape a loaded checkpoint has, else "checkpoint"."""
+    shape = lambda c: (c.hidden_size, c.num_attention_heads, c.num_layers, c.inner_hidden_size, c.vocab_size)  # noqa: E731
+    return next((name for name, preset in PRESETS.items() if shape(preset) == shape(config)), "checkpoint")
+
+
 def weight_bytes(model: GLMForCausalLM) -> int:
     """Bytes read per decoded token: every unique weight (the tied head reads the whole
     embedding matrix once; the embedding lookup itself reads one row). Computed from the
     shapes, so it holds for plain and packed modules alike."""
     c = model.config
-    per_layer = 4 * c.hidden_size + 3 * c.hidden_size * (c.hidden_size + 1) + c.hidden_size * (c.hidden_size + 1) \
-        + c.inner_hidden_size * (c.hidden_size + 1) + c.hidden_size * (c.inner_hidden_size + 1)
-    count = c.vocab_size * c.hidden_size + c.num_layers * per_layer + 2 * c.hidden_size
-    size = count * model.transformer.final_layernorm.weight.element_size()
+    size = parameter_count(c) * model.transformer.final_layernorm.weight.element_size()
     bits = getattr(model.transformer.layers[0].mlp.dense_h_to_4h, "bits", None)
     if bits:  # the four block linears hold bits/8 bytes per weight, plus one scale per output row
         element = model.transformer.final_layernorm.weight.element_size()
@@ -285,8 +295,8 @@ def run_glm(cfg: BenchConfig) -> dict:
         compiled = static_decoder(model, True).compiled is not None
         compile_s = max(0.0, warm_ttft + sum(warm_steps) - min(r[0] + sum(r[1]) for r in runs))
     return {
-        "preset": cfg.preset, "dtype": cfg.dtype, "device": str(device), "threads": torch.get_num_threads(),
-        "packed": pack, "parameters": size // model.transformer.final_layernorm.weight.element_size(),
+        "preset": preset_name(config) if cfg.checkpoint else cfg.preset, "dtype": cfg.dtype, "device": str(device),
+        "threads": torch.get_num_threads(), "packed": pack, "parameters": parameter_count(config),
         "weights_gb": size / GB, "prompt_tokens": cfg.prompt_tokens, "new_tokens": cfg.new_tokens,
         "prefill_tokens_per_s": cfg.prompt_tokens / ttft, "ttft_s": ttft,
         "decode_tokens_per_s": 1.0 / per_token, "decode_tokens_per_s_mean": 1.0 / mean_step,

@@ -70,3 +70,21 @@ def test_bench_without_a_limit_keeps_it_out_of_the_report(monkeypatch, capsys):
     result = json.loads(capsys.readouterr().out)
     assert result["bandwidth_limit_gbps"] is None and result["decode_vs_limit"] is None
     assert result["compile"] is False and result["compiled"] is None and result["compile_s"] is None
+
+
+@pytest.mark.parametrize("quantize", [None, 4])
+def test_bench_on_a_checkpoint_names_its_shape_and_counts_parameters_not_bytes(tmp_path, capsys, quantize):
+    from tests.tiny_glm import SHAPE, build_tiny_glm
+
+    ckpt = build_tiny_glm(tmp_path / "tiny")
+    argv = ["glm", "--checkpoint", str(ckpt), "--prompt-tokens", "8", "--new-tokens", "4", "--repeats", "1",
+            "--matvec-mb", "8", "--json"] + (["--quantize", str(quantize)] if quantize else [])
+    assert bench.main(argv) == 0
+    result = json.loads(capsys.readouterr().out)
+    config = json.loads((ckpt / "config.json").read_text())
+    h, f, v, n = SHAPE["hidden_size"], SHAPE["inner_hidden_size"], config["vocab_size"], SHAPE["num_layers"]
+    assert result["preset"] == "checkpoint" and result["load_s"] > 0 and result["quantize"] == quantize
+    assert result["parameters"] == v * h + n * (4 * h + 4 * h * (h + 1) + f * (h + 1) + h * (f + 1)) + 2 * h
+    full = result["parameters"] * 4  # float32 bytes
+    assert result["weights_gb"] * 1e9 == pytest.approx(full) if quantize is None else result["weights_gb"] * 1e9 < full
+    assert bench.preset_name(GLMConfig()) == "6b"
