@@ -394,3 +394,21 @@ def test_cpm_layout_passes_the_reference_tensors_to_the_kernel(monkeypatch):
     y = quant._MATMULS["cpm_int8"](module, x)
     assert calls[0][0] is module.weight and calls[0][1] is module.weight_scale
     torch.testing.assert_close(y.float(), _dequantized_linear(module, x.float()) - module.bias, atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_prefill_dequantises_into_one_kept_buffer_and_stays_exact(dtype):
+    """Prefill-sized inputs (more rows than INT8_KERNEL_MAX_ROWS) dequantise into a scratch buffer
+    that is reused, not reallocated; alternating modules of one shape never see each other's weights."""
+    torch.manual_seed(0)
+    a, b = (QuantLinear.from_linear(nn.Linear(256, 96).to(dtype), 8) for _ in range(2))
+    rows = quant.INT8_KERNEL_MAX_ROWS + 9
+    x = torch.randn(rows, 256).to(dtype)
+    ya1 = a(x)
+    buffer = quant._SCRATCH[dtype].data_ptr()
+    yb, ya2 = b(x), a(x)
+    assert quant._SCRATCH[dtype].data_ptr() == buffer
+    tol = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=0.15, rtol=0.02)
+    torch.testing.assert_close(ya1.float(), _dequantized_linear(a, x.float()), **tol)
+    torch.testing.assert_close(yb.float(), _dequantized_linear(b, x.float()), **tol)
+    assert torch.equal(ya1, ya2)

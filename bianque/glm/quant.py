@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import threading
 import time
 
 import torch
@@ -34,10 +35,12 @@ log = logging.getLogger(__name__)
 # The four linears of a block (SPEC §1 names). Embedding, head and LayerNorms stay unquantised.
 BLOCK_LINEARS = ("attention.query_key_value", "attention.dense", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h")
 SUPPORTED_BITS = (4, 8)
-# Measured on this project's 2-core CPU, 16384x4096 bf16: _weight_int8pack_mm takes ~0.6-0.8 ms
-# per input row, dequantise-then-matmul ~50 ms plus a little per row: the kernel wins up to ~128
-# rows (1 row: 2.6 vs 52 ms; 128: 105 vs 130 ms) and loses beyond (512 rows: 405 vs 178 ms).
-INT8_KERNEL_MAX_ROWS = 128
+# Measured on this project's 2-core CPU, 16384x4096 bf16: _weight_int8pack_mm takes ~0.55 ms per
+# input row (1 row 1.9 ms, 16: 8.5, 128: 69, 512: 280); dequantising into a kept scratch buffer
+# (~5 ms) and then one bf16 matmul takes 10.5 ms at 16 rows, 25 at 128, 76 at 512. So decoding
+# uses the kernel and prefill the dequantised matmul (a fresh buffer instead would cost ~30 ms of
+# page faults per call: glibc returns such sizes to the system on free).
+INT8_KERNEL_MAX_ROWS = 24
 # torch's int4 kernels take per-group scales; a per-row scale is the same scale repeated over
 # every group of the row, so any group size that divides `in_features` gives exact results.
 INT4_GROUP_SIZES = (256, 128, 64, 32)
@@ -152,7 +155,27 @@ def _matmul_rows(module: QuantLinear, x: torch.Tensor) -> torch.Tensor:
     if module.bits == 8 and x.shape[0] <= INT8_KERNEL_MAX_ROWS and kernel_ok("int8", x.device.type, x.dtype):
         return torch.ops.aten._weight_int8pack_mm(x, module.weight, module.weight_scale.to(x.dtype))
     q = unpack_int4(module.weight) if module.bits == 4 else module.weight
-    return F.linear(x, q.to(x.dtype)) * module.weight_scale.to(x.dtype)
+    scale = module.weight_scale.to(x.dtype)
+    if x.device.type == "cpu" and _SCRATCH_LOCK.acquire(blocking=False):
+        try:
+            return F.linear(x, _scratch(q.numel(), x.dtype).view(q.shape).copy_(q)) * scale
+        finally:
+            _SCRATCH_LOCK.release()
+    return F.linear(x, q.to(x.dtype)) * scale
+
+
+# One CPU buffer per compute dtype for dequantised weights, grown to the largest block matrix
+# (128 MB for BianQue-2 in bf16) and kept. Used by one caller at a time; others allocate.
+_SCRATCH: dict[torch.dtype, torch.Tensor] = {}
+_SCRATCH_LOCK = threading.Lock()
+
+
+def _scratch(numel: int, dtype: torch.dtype) -> torch.Tensor:
+    buffer = _SCRATCH.get(dtype)
+    if buffer is None or buffer.numel() < numel:
+        _SCRATCH.pop(dtype, None)  # free the smaller one first
+        buffer = _SCRATCH[dtype] = torch.empty(numel, dtype=dtype)
+    return buffer[:numel]
 
 
 def _matmul_cpu_int4(module: QuantLinear, x: torch.Tensor) -> torch.Tensor:
