@@ -32,12 +32,12 @@ from .glm.cpu_pack import PackedEmbedding, PackedRows, pack_embedding_, pack_lin
 from .glm.generate import generate_tokens, static_decoder
 from .glm.model import GLMForCausalLM
 from .glm.quant import quantize_block_
+from .settings import DTYPES, dtype_name
 
 PRESETS = {
     "mid": GLMConfig(hidden_size=1024, num_attention_heads=16, num_layers=4, inner_hidden_size=4096),
     "6b": GLMConfig(),  # BianQue-2's real shape
 }
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 INIT_CHUNK_ELEMENTS = 1 << 24  # fill weights 16M values at a time: no full-size temporaries
 GB = 1e9
 
@@ -295,7 +295,7 @@ def run_glm(cfg: BenchConfig) -> dict:
         compiled = static_decoder(model, True).compiled is not None
         compile_s = max(0.0, warm_ttft + sum(warm_steps) - min(r[0] + sum(r[1]) for r in runs))
     return {
-        "preset": preset_name(config) if cfg.checkpoint else cfg.preset, "dtype": cfg.dtype, "device": str(device),
+        "preset": preset_name(config) if cfg.checkpoint else cfg.preset, "dtype": dtype_name(dtype), "device": str(device),
         "threads": torch.get_num_threads(), "packed": pack, "parameters": parameter_count(config),
         "weights_gb": size / GB, "prompt_tokens": cfg.prompt_tokens, "new_tokens": cfg.new_tokens,
         "prefill_tokens_per_s": cfg.prompt_tokens / ttft, "ttft_s": ttft,
@@ -342,7 +342,7 @@ def parse_args(argv: list[str] | None) -> tuple[BenchConfig, bool]:
     sub = parser.add_subparsers(dest="what", required=True)
     glm = sub.add_parser("glm", help="native ChatGLM-6B (BianQue-2) on random weights")
     glm.add_argument("--preset", choices=sorted(PRESETS), default="mid")
-    glm.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    glm.add_argument("--dtype", choices=sorted(DTYPES), type=str.lower, default="float32")
     glm.add_argument("--device", default="cpu")
     glm.add_argument("--prompt-tokens", type=int, default=None, help="default 128 (mid) / 64 (6b)")
     glm.add_argument("--new-tokens", type=int, default=None, help="default 32 (mid) / 12 (6b)")

@@ -30,10 +30,10 @@ from safetensors.torch import save_file
 from .errors import ModelLoadError
 from .glm.loader import IGNORED, index_checkpoint
 from .glm.quant import BLOCK_LINEARS, pack_int4, quantize_weight, stored_shape
+from .settings import DTYPES
 
 log = logging.getLogger(__name__)
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 CONFIG_DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
 DEFAULT_SHARD_BYTES = 2 * 1024 ** 3
 INDEX_NAME = "model.safetensors.index.json"
@@ -121,7 +121,7 @@ def convert(src: str | Path, dst: str | Path, dtype: str | None = None, quantize
     """Write the converted checkpoint into `dst` (which must not already hold weights)."""
     from .hub import V2_REPO, resolve_checkpoint
 
-    if dtype is not None and dtype not in DTYPES:
+    if dtype is not None and dtype.lower() not in DTYPES:
         raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
     if quantize not in (None, 4, 8):
         raise ValueError(f"--quantize must be 4 or 8, not {quantize!r}")
@@ -134,7 +134,7 @@ def convert(src: str | Path, dst: str | Path, dtype: str | None = None, quantize
                          f"checkpoint ({V2_REPO}) instead")
     _check_target(source, target)
     index = index_checkpoint(source)
-    torch_dtype = DTYPES[dtype] if dtype else None
+    torch_dtype = DTYPES[dtype.lower()] if dtype else None
     dtype_size = torch.empty((), dtype=torch_dtype or _stored_float_dtype(index)).element_size()
     shards = split_shards(plan_tensors(index.shapes, dtype_size, quantize), max_shard_bytes)
     target.mkdir(parents=True, exist_ok=True)
@@ -221,7 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m bianque convert", description=__doc__.split("\n\n")[1])
     parser.add_argument("src", help="checkpoint directory or hub id (e.g. scutcyr/BianQue-2)")
     parser.add_argument("dst", help="new directory for the safetensors checkpoint")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), help="float dtype of the output (default: as stored)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), type=str.lower, help="float dtype of the output (default: as stored)")
     parser.add_argument("--quantize", type=int, choices=(4, 8), help="store the block linears as int8/int4")
     parser.add_argument("--max-shard-size", type=parse_size, default=DEFAULT_SHARD_BYTES,
                         help="largest shard (default 2GB)")

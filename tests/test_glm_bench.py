@@ -16,17 +16,25 @@ TINY = GLMConfig(vocab_size=300, hidden_size=32, num_attention_heads=4, num_laye
 KEYS = {"prefill_tokens_per_s", "decode_tokens_per_s", "ttft_s", "peak_memory_gb", "effective_gbps", "matvec_gbps"}
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_bench_json_has_the_promised_fields(monkeypatch, capsys, dtype):
+@pytest.mark.parametrize("dtype, reported", [("float32", "float32"), ("bfloat16", "bfloat16"), ("bf16", "bfloat16")])
+def test_bench_json_has_the_promised_fields(monkeypatch, capsys, dtype, reported):
     monkeypatch.setitem(bench.PRESETS, "mid", TINY)
     assert bench.main(["glm", "--preset", "mid", "--dtype", dtype, "--prompt-tokens", "8", "--new-tokens", "4",
                        "--repeats", "1", "--matvec-mb", "8", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert KEYS <= set(result)
+    assert result["dtype"] == reported
     assert all(result[k] > 0 for k in KEYS)
     assert result["matvec_gbps_best"] >= result["matvec_gbps"]  # the median is what decoding is held to
     assert result["decode_vs_matvec"] == pytest.approx(result["effective_gbps"] / result["matvec_gbps"])
     assert result["parameters"] == 300 * 32 + 2 * (4 * 32 + 4 * 32 * 33 + 48 * 33 + 32 * 49) + 64
+
+
+@pytest.mark.parametrize("name, dtype", [("fp32", torch.float32), ("FP16", torch.float16), ("bf16", torch.bfloat16),
+                                         ("half", torch.float16), ("bfloat16", torch.bfloat16)])
+def test_bench_accepts_the_same_dtype_names_as_convert_and_the_settings(name, dtype):
+    cfg, _ = bench.parse_args(["glm", "--dtype", name])
+    assert bench.DTYPES[cfg.dtype] is dtype
 
 
 def test_weight_bytes_counts_each_tied_parameter_once():
