@@ -211,8 +211,8 @@ def decode_step(model, hidden: torch.Tensor, mask: torch.Tensor, token: int, cac
     """
     step = torch.tensor([[token]], device=hidden.device)
     out = model(encoder_outputs=(hidden,), attention_mask=mask, decoder_input_ids=step,
-                past_key_values=cache, use_cache=True)
-    return out.logits[0, -1], out.past_key_values
+                cache=cache, use_cache=True)
+    return out.logits[0, -1], out.cache
 
 
 @torch.inference_mode()
