@@ -1,0 +1,69 @@
+"""The CLI's interactive loop as a user drives it: /advise, /clear, /quit, Ctrl-C, empty lines."""
+from __future__ import annotations
+
+import builtins
+
+from bianque import cli
+
+
+def _drive(monkeypatch, capsys, lines, chunks_for):
+    """Run run_interactive on fake input; chunks_for(turns, advise_now) gives a reply's chunks."""
+    feed = iter(lines)
+
+    def fake_input(prompt=""):
+        item = next(feed)
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    calls = []
+
+    def respond(turns, advise_now):
+        calls.append(([(t.role, t.text, t.stage) for t in turns], advise_now))
+        stage = "advice" if advise_now else "question"
+        return cli.Reply(stage, "v2" if advise_now else "v1", chunks_for(turns, advise_now))
+
+    monkeypatch.setattr(builtins, "input", fake_input)
+    rc = cli.run_interactive(respond, "coq", 3)
+    return rc, calls, capsys.readouterr()
+
+
+def test_advise_clear_quit_and_empty_line(monkeypatch, capsys):
+    rc, calls, out = _drive(monkeypatch, capsys, ["", "我头疼", "/advise", "/clear", "  ", "/advise", "你好", "/quit", "never read"],
+                            lambda turns, advise: iter(["建议多休息。"] if advise else ["疼多久了？"]))
+    assert rc == 0
+    assert calls == [
+        ([("patient", "我头疼", None)], False),
+        ([("patient", "我头疼", None), ("doctor", "疼多久了？", "question"), ("patient", "请直接给我建议。", None)], True),
+        ([("patient", "你好", None)], False),  # /clear forgot the first dialogue; /advise on nothing asks nothing
+    ]
+    assert "医生［问询 1/3 · BianQue-1.0］：疼多久了？\n" in out.out
+    assert "医生［建议 · BianQue-2.0］：建议多休息。\n" in out.out
+    assert "（已开始新的问诊）" in out.out
+    assert out.out.count("医生［问询 1/3 · BianQue-1.0］") == 2
+
+
+def test_ctrl_c_stops_the_reply_but_not_the_session(monkeypatch, capsys):
+    def chunks(turns, advise):
+        if len(turns) == 1:
+            def gen():
+                yield "咳嗽"
+                raise KeyboardInterrupt
+            return gen()
+        return iter(["还有别的症状吗？"])
+
+    rc, calls, out = _drive(monkeypatch, capsys, ["我咳嗽", "没有发热", KeyboardInterrupt()], chunks)
+    assert rc == 0
+    assert "咳嗽 ［已停止］\n" in out.out
+    # the stopped partial reply stays in the dialogue, and the session went on to the next message
+    assert calls[1][0] == [("patient", "我咳嗽", None), ("doctor", "咳嗽", "question"), ("patient", "没有发热", None)]
+    assert "医生［问询 2/3 · BianQue-1.0］：还有别的症状吗？" in out.out
+
+
+def test_empty_reply_is_dropped_with_a_message(monkeypatch, capsys):
+    rc, calls, out = _drive(monkeypatch, capsys, ["我头晕", "还是头晕", EOFError()],
+                            lambda turns, advise: iter([]) if len(turns) == 1 else iter(["多久了？"]))
+    assert rc == 0
+    assert "（模型没有生成内容，请再试一次）" in out.out
+    # the unanswered message was dropped, so the dialogue still alternates for the next one
+    assert calls[1][0] == [("patient", "还是头晕", None)]
