@@ -144,22 +144,41 @@ def _asking_clause(clause: str) -> bool:
     return bool(_ASKING_RE.search(clause)) and not _EMBEDDING_RE.search(clause)
 
 
-def is_asking(sentence: str) -> bool:
-    """Whether one sentence asks the patient something (see the comment above the constants)."""
+def asking_reason(sentence: str) -> str | None:
+    """Which rule makes one sentence ask the patient something, or None when none does."""
     body = sentence.rstrip(_CLOSERS)
     if body.endswith(QUESTION_MARKS) or _ends_with_particle(body):
-        return not _is_rhetorical(body)
-    return any(_asking_clause(c) for c in CLAUSE_SPLIT_RE.split(body))
+        if _is_rhetorical(body):
+            return None
+        return "question_mark" if body.endswith(QUESTION_MARKS) else "final_particle"
+    if any(_asking_clause(c) for c in CLAUSE_SPLIT_RE.split(body)):
+        return "asking_phrase"
+    return None
+
+
+def is_asking(sentence: str) -> bool:
+    """Whether one sentence asks the patient something (see the comment above the constants)."""
+    return asking_reason(sentence) is not None
+
+
+def question_reason(text: str) -> tuple[bool, str]:
+    """(is_question, the rule that decided it): question_mark / final_particle / asking_phrase,
+    or no_asking_sentence / long_tail for statements."""
+    parts = sentences(text)
+    reasons = [(i, r) for i, r in ((i, asking_reason(s)) for i, s in enumerate(parts)) if r]
+    if not reasons:
+        return False, "no_asking_sentence"
+    last, reason = reasons[-1]
+    if _content_len("".join(parts[last + 1:])) > MAX_TAIL_CHARS:
+        return False, "long_tail"
+    return True, reason
 
 
 def is_question(text: str) -> bool:
     """Whether a doctor reply asks the patient a question (rather than advising)."""
-    parts = sentences(text)
-    asking = [i for i, s in enumerate(parts) if is_asking(s)]
-    if not asking:
-        return False
-    tail = "".join(parts[asking[-1] + 1:])
-    return _content_len(tail) <= MAX_TAIL_CHARS
+    decided, reason = question_reason(text)
+    log.debug("is_question=%s reason=%s chars=%d", decided, reason, len(text))
+    return decided
 
 
 # --- repeats ---------------------------------------------------------------------------------

@@ -7,7 +7,11 @@ uses 那么/这么/什么的/怎么办 in statements and poses rhetorical questi
 """
 from __future__ import annotations
 
+import logging
+
 import pytest
+
+from bianque import router
 
 from bianque.router import is_question, is_question_original
 
@@ -299,3 +303,26 @@ def test_empty_and_whitespace_are_not_questions():
     assert not is_question("")
     assert not is_question("   \n ")
     assert not is_question("。？")
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("咳嗽多久了？", (True, "question_mark")),
+        ("有没有发烧", (True, "asking_phrase")),
+        ("平时吃辣的吗", (True, "final_particle")),
+        ("建议多喝水，注意休息。", (False, "no_asking_sentence")),
+        ("难道不该早点去医院吗？", (False, "no_asking_sentence")),
+        ("发烧了吗？建议您尽快到医院做血常规检查，必要时遵医嘱使用退烧药物，并注意多喝水休息。", (False, "long_tail")),
+    ],
+)
+def test_question_reason_names_the_deciding_rule(text, expected):
+    assert router.question_reason(text) == expected
+    assert router.is_question(text) is expected[0]
+
+
+def test_is_question_logs_the_reason_never_the_text(caplog):
+    caplog.set_level(logging.DEBUG, logger="bianque.router")
+    router.is_question("咳嗽多久了？")
+    assert "reason=question_mark" in caplog.text
+    assert "咳嗽" not in caplog.text
