@@ -28,6 +28,8 @@ MUTATIONS = [
     ("cli-ctrl-c-leaves", "bianque/cli.py", "    except KeyboardInterrupt:\n        close =", "    except ZeroDivisionError:\n        close =", ["tests/test_cli_interactive.py", "tests/test_cli.py"]),
     ("cli-empty-reply-kept", "bianque/cli.py", "turns.pop()  # nothing was said", "pass  # nothing was said", ["tests/test_cli_interactive.py", "tests/test_cli.py"]),
     ("cli-question-count-off", "bianque/cli.py", 'if t.role == DOCTOR) + 1', 'if t.role == DOCTOR)', ["tests/test_cli_interactive.py", "tests/test_cli.py"]),
+    ("glm-layer-coeff-dropped", "bianque/glm/model.py", "torch.softmax(scores * self.layer_coeff, dim=-1)", "torch.softmax(scores, dim=-1)", ["tests/test_glm_fixtures.py", "tests/test_glm_model.py"]),
+    ("glm-rotary-sign", "bianque/glm/model.py", "half * c + rotate_half(half) * s", "half * c - rotate_half(half) * s", ["tests/test_glm_fixtures.py", "tests/test_glm_model.py"]),
 ]
 
 
