@@ -13,6 +13,7 @@ import re
 import unicodedata
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import Sequence
 
 CALL_120 = "请立即拨打120，或马上去最近医院的急诊。"
 
@@ -25,6 +26,12 @@ class RedFlag:
     message: str
     when: tuple[tuple[str, ...], ...]
     supersedes: tuple[str, ...] = ()  # narrower notices this one makes redundant
+    action: str = CALL_120  # one-line safe first-aid action
+
+
+def flag_dict(flag: RedFlag) -> dict[str, str]:
+    """The JSON-able form of a flag (API responses, recorded consultations)."""
+    return {"name": flag.name, "message": flag.message, "action": flag.action}
 
 
 # --- phrase groups (regex alternations) -------------------------------------------------------
@@ -182,7 +189,7 @@ def _affirmed(pattern: str, clauses: list[str]) -> bool:
     return False
 
 
-def red_flags(text: str) -> list[RedFlag]:
+def red_flags(text: str, earlier: Sequence[str] = ()) -> list[RedFlag]:
     """The emergency rules ``text`` triggers, in ``RULES`` order, without superseded ones."""
     if not isinstance(text, str):
         raise TypeError(f"red_flags expects the patient's message as a string, got {type(text).__name__}")
