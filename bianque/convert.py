@@ -125,7 +125,7 @@ def convert(src: str | Path, dst: str | Path, dtype: str | None = None, quantize
         raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
     if quantize not in (None, 4, 8):
         raise ValueError(f"--quantize must be 4 or 8, not {quantize!r}")
-    source = resolve_checkpoint(str(src), "BIANQUE_V2_MODEL")
+    source = resolve_checkpoint(str(src), "the SRC argument")
     target = Path(dst).expanduser()
     config = _read_config(source)
     already = int(config.get("quantization_bit") or 0)

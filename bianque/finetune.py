@@ -399,7 +399,7 @@ def setup(cfg: TrainConfig) -> Run:
     # `torchrun`/`accelerate launch` would otherwise start N independent single-process runs.
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=cfg.cpu or not torch.cuda.is_available())
     set_seed(cfg.seed)
-    model_dir = resolve_checkpoint(cfg.model, "BIANQUE_V1_MODEL")
+    model_dir = resolve_checkpoint(cfg.model, "--model")
     resume_from = _prepare_output_once(accelerator, cfg, model_dir)
     train_rows, val_rows = load_data(cfg)
     world = accelerator.num_processes

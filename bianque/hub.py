@@ -20,13 +20,19 @@ def looks_like_repo_id(name: str) -> bool:
     return bool(_REPO_ID.match(name)) and not name.startswith((".", "/", "~"))
 
 
-def resolve_checkpoint(name_or_path: str, env_var: str) -> Path:
-    """A local directory as is; else the offline HF cache; else a download from the hub."""
+def resolve_checkpoint(name_or_path: str, knob: str) -> Path:
+    """A local directory as is; else the offline HF cache; else a download from the hub.
+
+    ``knob`` names what the user set to choose this checkpoint (a flag, a variable or both, e.g.
+    "--v1-model / BIANQUE_V1_MODEL"): every error tells them to change exactly that.
+    """
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         return path
-    if not looks_like_repo_id(name_or_path):
-        raise ModelLoadError(_message(name_or_path, f"no such directory {path}", env_var))
+    if path.exists():
+        raise ModelLoadError(_message(name_or_path, f"{path} is a file, not a checkpoint directory", knob))
+    if not looks_like_repo_id(name_or_path) or _meant_as_local_path(path):
+        raise ModelLoadError(_message(name_or_path, f"no such directory {path.absolute()}", knob))
     try:
         return Path(_snapshot(name_or_path, local_files_only=True))
     except Exception:  # not in the cache: fall through to the hub
@@ -36,13 +42,18 @@ def resolve_checkpoint(name_or_path: str, env_var: str) -> Path:
         return Path(_snapshot(name_or_path, local_files_only=False))
     except Exception as exc:  # no network, unknown repo, disk full, ...
         reason = f"not a local directory, not in the local cache, and the hub failed ({_first_line(exc)})"
-        raise ModelLoadError(_message(name_or_path, reason, env_var)) from exc
+        raise ModelLoadError(_message(name_or_path, reason, knob)) from exc
 
 
-def _message(name: str, reason: str, env_var: str) -> str:
+def _meant_as_local_path(path: Path) -> bool:
+    """`models/BianQue-2` is shaped like a hub id, but when ./models exists it is a mistyped local path."""
+    return path.parent != Path(".") and path.parent.is_dir()
+
+
+def _message(name: str, reason: str, knob: str) -> str:
     return (
-        f"could not load {name}: {reason}; set {env_var} to a local directory "
-        "or run `python -m bianque download`"
+        f"could not load {name}: {reason}; set {knob} to a checkpoint directory or a hub id "
+        "(`python -m bianque download` fetches the default ones)"
     )
 
 

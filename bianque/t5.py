@@ -298,7 +298,7 @@ class T5Questioner:
 
 def load_questioner(model: str = V1_REPO, device: str = "cpu", dtype: str | None = None) -> T5Questioner:
     """BianQue-1.0 from a hub id or a local directory, on ``device`` in ``dtype`` (None: fp32 CPU / fp16 CUDA)."""
-    path = resolve_checkpoint(model, "BIANQUE_V1_MODEL")
+    path = resolve_checkpoint(model, "--v1-model or BIANQUE_V1_MODEL")
     tokenizer = load_tokenizer(path)
     net = _load_model(path, torch_dtype(dtype, device, "v1"))
     if tokenizer.vocab_size > net.config.vocab_size:

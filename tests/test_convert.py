@@ -177,3 +177,13 @@ def test_converted_tensors_never_alias_the_source(dtype):
     ids = torch.arange(6).view(2, 3)
     (_, same), = convert_module.converted(item, ids, dtype)
     assert torch.equal(same, ids) and same.untyped_storage().data_ptr() != ids.untyped_storage().data_ptr()
+
+
+def test_missing_source_names_the_src_argument_not_an_env_var(tmp_path):
+    from bianque.convert import convert
+    from bianque.errors import ModelLoadError
+
+    with pytest.raises(ModelLoadError) as err:
+        convert(tmp_path / "no-such-checkpoint", tmp_path / "out")
+    assert f"no such directory {tmp_path}/no-such-checkpoint; set the SRC argument to" in str(err.value)
+    assert "BIANQUE_V2_MODEL" not in str(err.value)

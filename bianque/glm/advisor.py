@@ -137,7 +137,7 @@ def load_advisor(model: str = V2_REPO, device: str = "cpu", dtype: str | torch.d
     """BianQue-2.0 from a hub id or a local directory, on `device` in `dtype`
     (None: bfloat16 on CPU, float16 on CUDA), optionally with int8/int4 weights; `compile`:
     decode every reply on a static KV cache with a torch.compile'd step (see generate.py)."""
-    path = resolve_checkpoint(model, "BIANQUE_V2_MODEL")
+    path = resolve_checkpoint(model, "--v2-model or BIANQUE_V2_MODEL")
     options = {}
     if device == "auto" or "," in device:  # whole blocks spread over several GPUs (placement.py)
         from .placement import parse_devices
