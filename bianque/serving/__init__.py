@@ -1,0 +1,1 @@
+"""Serving: the batching engine and the front ends that share it."""

@@ -1,0 +1,151 @@
+"""The loop: one thread owns the runner; each step admits newcomers (prefill) and advances the running batch (decode)."""
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Sequence
+
+import torch
+
+from .request import DONE, Request
+from .runner import Runner
+from .scheduler import Scheduler
+
+log = logging.getLogger(__name__)
+
+
+class Stream:
+    """A request's handle: iterate for token ids; close() cancels it within one step."""
+
+    def __init__(self, engine: "Engine", request: Request):
+        self._engine, self.request = engine, request
+
+    def __iter__(self):
+        try:
+            while True:
+                item = self.request.out.get()
+                if item is DONE:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:  # GeneratorExit included: the consumer went away
+            self.close()
+
+    def close(self) -> None:
+        self._engine.cancel(self.request)
+
+    def position(self) -> int:
+        return self._engine.position(self.request)
+
+
+class Engine:
+    def __init__(self, runner: Runner):
+        self.runner = runner
+        self.scheduler = Scheduler(runner.max_batch)
+        self._cond = threading.Condition()
+        self._thread: threading.Thread | None = None
+
+    def submit(self, request: Request) -> Stream:
+        if request.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be at least 1, got {request.max_new_tokens}")
+        with self._cond:
+            self.scheduler.add(request)
+            if self._thread is None:  # started on first use: nothing runs at construction
+                self._thread = threading.Thread(target=self._loop, name="bianque-engine", daemon=True)
+                self._thread.start()
+            self._cond.notify()
+        return Stream(self, request)
+
+    def cancel(self, request: Request) -> None:
+        with self._cond:
+            request.cancelled = True
+            if request.slot is None:  # still waiting: leave at once
+                self.scheduler.retire(request)
+                request.finish()
+            self._cond.notify()
+
+    def position(self, request: Request) -> int:
+        with self._cond:
+            return self.scheduler.position(request)
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while self.scheduler.idle():
+                    self._cond.wait()
+            try:
+                self.step()
+            except Exception:  # a bug in the engine itself: fail everyone rather than hang them
+                log.exception("engine step failed")
+                with self._cond:
+                    for request in list(self.scheduler.running.values()) + list(self.scheduler.waiting):
+                        self._retire(request, RuntimeError("the serving engine failed; see the log"))
+
+    def step(self) -> None:
+        """Drop cancelled requests, prefill newcomers, decode the rest: one step boundary."""
+        with self._cond:
+            for request in list(self.scheduler.running.values()):
+                if request.cancelled:
+                    self._retire(request)
+            running = list(self.scheduler.running.values())
+            admitted = self.scheduler.admit()
+        if admitted:
+            self._prefill(admitted)
+        if running:
+            self._run(running, lambda: self.runner.decode([r.slot for r in running], [r.generated[-1] for r in running]))
+
+    def _prefill(self, requests: Sequence[Request]) -> None:
+        def prefill(batch):
+            return lambda: self.runner.prefill([r.slot for r in batch], [r.prompt for r in batch])
+        if len(requests) == 1 or not self._run(requests, prefill(requests), isolate=True):
+            for request in requests:  # one bad prompt must not fail the others: retry one by one
+                if not request.finished:
+                    self._run([request], prefill([request]))
+
+    def _run(self, requests: Sequence[Request], forward, isolate: bool = False) -> bool:
+        """Run one forward and advance each request by its logits row; False if it raised and `isolate`."""
+        try:
+            logits = forward()
+        except torch.OutOfMemoryError as error:
+            log.warning("out of memory in a step of %d requests", len(requests))
+            self._fail(requests, error)
+            return True
+        except Exception as error:
+            if isolate:  # forget the half-started batch; the caller retries each request alone
+                for request in requests:
+                    self.runner.release(request.slot)
+                return False
+            self._fail(requests, error)
+            return True
+        for request, row in zip(requests, logits):
+            self._advance(request, row)
+        return True
+
+    def _advance(self, request: Request, row: torch.Tensor) -> None:
+        try:
+            token = int(request.choose(row, request.generated))
+        except Exception as error:
+            self._fail([request], error)
+            return
+        request.generated.append(token)
+        if request.is_stop(token):
+            self._locked_retire(request)
+            return
+        request.emit(token)
+        if len(request.generated) >= request.max_new_tokens:
+            self._locked_retire(request)
+
+    def _fail(self, requests: Sequence[Request], error: BaseException) -> None:
+        with self._cond:
+            for request in requests:
+                self._retire(request, error)
+
+    def _locked_retire(self, request: Request) -> None:
+        with self._cond:
+            self._retire(request)
+
+    def _retire(self, request: Request, error: BaseException | None = None) -> None:
+        if self.scheduler.retire(request):
+            self.runner.release(request.slot)
+        request.finish(error)

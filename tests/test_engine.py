@@ -1,0 +1,159 @@
+"""The model-agnostic engine on a fake runner: joins, leaves, queueing, cancellation, failures."""
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from bianque.serving.engine import Engine
+from bianque.serving.request import Request
+
+V = 32
+
+
+class FakeRunner:
+    """Next token = (sum of the sequence so far * 7 + its length) mod V, as one-hot logits."""
+
+    def __init__(self, max_batch: int, gate: threading.Event | None = None):
+        self.max_batch = max_batch
+        self.seqs: dict[int, list[int]] = {}
+        self.batches: list[tuple[str, int]] = []
+        self.fail_prompt: int | None = None  # a prompt starting with this id raises in prefill
+        self.oom_at_batch: int | None = None  # the next decode of this many slots runs out of memory
+        self.gate = gate
+
+    def _logits(self, seq):
+        row = torch.zeros(V)
+        row[(sum(seq) * 7 + len(seq)) % V] = 1.0
+        return row
+
+    def prefill(self, slots, prompts):
+        assert all(0 <= s < self.max_batch and s not in self.seqs for s in slots)
+        if any(p[0] == self.fail_prompt for p in prompts):
+            raise ValueError("bad prompt")
+        for s, p in zip(slots, prompts):
+            self.seqs[s] = list(p)
+        self.batches.append(("prefill", len(slots)))
+        return torch.stack([self._logits(self.seqs[s]) for s in slots])
+
+    def decode(self, slots, tokens):
+        if self.gate is not None:
+            self.gate.wait()
+        if self.oom_at_batch == len(slots):
+            self.oom_at_batch = None
+            raise torch.OutOfMemoryError("simulated")
+        for s, t in zip(slots, tokens):
+            self.seqs[s].append(t)
+        self.batches.append(("decode", len(slots)))
+        return torch.stack([self._logits(self.seqs[s]) for s in slots])
+
+    def release(self, slot):
+        self.seqs.pop(slot, None)
+
+
+def solo(prompt, n):
+    seq, out = list(prompt), []
+    for _ in range(n):
+        t = (sum(seq) * 7 + len(seq)) % V
+        out.append(t)
+        seq.append(t)
+    return out
+
+
+def greedy(prompt, n, stop=lambda t: False):
+    return Request(prompt=list(prompt), choose=lambda row, gen: int(row.argmax()), is_stop=stop, max_new_tokens=n)
+
+
+def run_all(engine, requests):
+    results = [None] * len(requests)
+
+    def consume(i, stream):
+        try:
+            results[i] = list(stream)
+        except Exception as error:  # noqa: BLE001 - the test inspects it
+            results[i] = error
+    streams = [engine.submit(r) for r in requests]
+    threads = [threading.Thread(target=consume, args=(i, s)) for i, s in enumerate(streams)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    return results
+
+
+PROMPTS = [[1], [2, 3], [4, 5, 6, 7, 8, 9, 10, 11, 12], [3], [9, 9], [5, 1, 2], [7], [8, 8, 8, 8]]
+
+
+def test_concurrent_requests_give_their_solo_outputs_and_more_than_max_batch_queue():
+    runner = FakeRunner(max_batch=3)
+    engine = Engine(runner)
+    lengths = [5, 9, 2, 7, 1, 6, 3, 8]
+    results = run_all(engine, [greedy(p, n) for p, n in zip(PROMPTS, lengths)])
+    assert results == [solo(p, n) for p, n in zip(PROMPTS, lengths)]
+    assert max(n for _, n in runner.batches) == 3
+    assert runner.seqs == {} and sorted(engine.scheduler.free) == [0, 1, 2]  # no slot leaks
+    assert run_all(engine, [greedy(p, 4) for p in PROMPTS]) == [solo(p, 4) for p in PROMPTS]
+
+
+def test_stop_token_ends_a_request_without_being_yielded():
+    prompt = [2, 3]
+    expected = solo(prompt, 6)
+    stop = expected[3]
+    first = expected.index(stop)
+    out = run_all(Engine(FakeRunner(2)), [greedy(prompt, 6, stop=lambda t: t == stop)])[0]
+    assert out == expected[:first]
+
+
+def test_waiting_requests_know_their_place_and_cancel_at_once():
+    gate = threading.Event()
+    runner = FakeRunner(max_batch=1, gate=gate)
+    engine = Engine(runner)
+    a = engine.submit(greedy([1], 50))
+    b, c = engine.submit(greedy([2], 3)), engine.submit(greedy([3], 3))
+    assert (b.position(), c.position()) == (0, 1) or (b.position(), c.position()) == (1, 2)
+    b.close()
+    assert c.position() in (0, 1)
+    assert list(b) == []
+    it = iter(a)
+    assert next(it) == solo([1], 1)[0]
+    gate.set()
+    it.close()  # cancels after the first piece
+    assert list(c) == solo([3], 3)
+    assert runner.seqs == {} and engine.scheduler.idle()
+
+
+def test_a_failing_request_fails_alone():
+    runner = FakeRunner(max_batch=4)
+    runner.fail_prompt = 66
+    engine = Engine(runner)
+
+    def bad_choose(row, gen):
+        if len(gen) == 2:
+            raise RuntimeError("sampling broke")
+        return int(row.argmax())
+    requests = [greedy([1], 5), greedy([66, 1], 5),
+                Request(prompt=[4], choose=bad_choose, is_stop=lambda t: False, max_new_tokens=5), greedy([5, 5], 5)]
+    results = run_all(engine, requests)
+    assert results[0] == solo([1], 5) and results[3] == solo([5, 5], 5)
+    assert isinstance(results[1], ValueError) and isinstance(results[2], RuntimeError)
+    assert run_all(engine, [greedy(p, 3) for p in PROMPTS]) == [solo(p, 3) for p in PROMPTS]
+
+
+def test_out_of_memory_in_a_step_fails_its_requests_and_the_engine_keeps_serving():
+    gate = threading.Event()  # holds the first decode until both requests are in
+    runner = FakeRunner(max_batch=4, gate=gate)
+    runner.oom_at_batch = 2
+    engine = Engine(runner)
+    streams = [engine.submit(greedy(p, 9)) for p in PROMPTS[:2]]
+    gate.set()
+    for s in streams:
+        with pytest.raises(torch.OutOfMemoryError):
+            list(s)
+    assert runner.seqs == {}
+    assert run_all(engine, [greedy(p, 4) for p in PROMPTS]) == [solo(p, 4) for p in PROMPTS]
+
+
+def test_max_new_tokens_must_be_positive():
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        Engine(FakeRunner(1)).submit(greedy([1], 0))
