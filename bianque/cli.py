@@ -16,7 +16,7 @@ import torch
 from .errors import ModelLoadError
 from .prompt import DOCTOR, PATIENT, Turn
 from .session import ADVISE_NOW_TEXT, MODEL_NAMES
-from .settings import Settings, add_settings_arguments, settings_from_args
+from .settings import HUB_ENV_VARS, Settings, add_settings_arguments, env_help, settings_from_args
 
 MODES = ("v1", "v2", "coq")
 COMMANDS_HELP = "命令：/advise 直接给建议  /clear 新的问诊  /quit 退出  （Ctrl-C 停止当前回复）"
@@ -47,7 +47,8 @@ Responder = Callable[[Sequence[Turn], bool], Reply]
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bianque", description="BianQue (扁鹊) health consultation")
     sub = parser.add_subparsers(dest="command", required=True)
-    chat = sub.add_parser("chat", help="interactive consultation in the terminal")
+    raw = argparse.RawDescriptionHelpFormatter
+    chat = sub.add_parser("chat", help="interactive consultation in the terminal", epilog=env_help(), formatter_class=raw)
     chat.add_argument("--mode", choices=MODES, default="coq", help="v1 asks, v2 advises, coq: v1 then v2")
     add_settings_arguments(chat)
     chat.add_argument("--greedy", action="store_true", help="deterministic decoding instead of sampling")
@@ -59,7 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--max-new-tokens", type=int, help="BianQue-1.0 reply length limit (default 512)")
     chat.add_argument("--max-length", type=int, help="BianQue-2.0 prompt+reply token limit (default 2048)")
     chat.add_argument("--json", action="store_true", help="stdin lines in, one JSON object per reply out")
-    dl = sub.add_parser("download", help="fetch the checkpoints for offline use")
+    dl = sub.add_parser("download", help="fetch the checkpoints for offline use", epilog=env_help(list(HUB_ENV_VARS)),
+                        formatter_class=raw)
     dl.add_argument("--to", help="directory to put them in (default: the Hugging Face cache)")
     dl.add_argument("--only", choices=("v1", "v2"))
     conv = sub.add_parser("convert", help="rewrite a BianQue-2 checkpoint as (quantised) safetensors", add_help=False)

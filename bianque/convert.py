@@ -30,7 +30,7 @@ from safetensors.torch import save_file
 from .errors import ModelLoadError
 from .glm.loader import IGNORED, index_checkpoint
 from .glm.quant import BLOCK_LINEARS, pack_int4, quantize_weight, stored_shape
-from .settings import DTYPES
+from .settings import DTYPES, HUB_ENV_VARS, env_help
 
 log = logging.getLogger(__name__)
 
@@ -218,7 +218,8 @@ def parse_size(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m bianque convert", description=__doc__.split("\n\n")[1])
+    parser = argparse.ArgumentParser(prog="python -m bianque convert", description=__doc__.split("\n\n")[1],
+                                     epilog=env_help(list(HUB_ENV_VARS)), formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("src", help="checkpoint directory or hub id (e.g. scutcyr/BianQue-2)")
     parser.add_argument("dst", help="new directory for the safetensors checkpoint")
     parser.add_argument("--dtype", choices=sorted(DTYPES), type=str.lower, help="float dtype of the output (default: as stored)")

@@ -35,6 +35,7 @@ import torch
 from .data import DataError, Example, read_csv, split
 from .errors import ModelLoadError
 from .hub import V1_REPO, resolve_checkpoint
+from .settings import HUB_ENV_VARS, env_help
 
 log = logging.getLogger(__name__)
 
@@ -570,7 +571,8 @@ def _write_json(path: Path, data: dict) -> None:
 def parse_args(argv: list[str] | None = None) -> TrainConfig:
     d = TrainConfig(data=Path(), output=Path())  # the defaults, shown in --help
     p = argparse.ArgumentParser(prog="bianque-finetune", description="Fine-tune BianQue-1.0 on input,target CSV rows "
-                                "(docs/finetuning.md). Several GPUs: accelerate launch -m bianque.finetune ...")
+                                "(docs/finetuning.md). Several GPUs: accelerate launch -m bianque.finetune ...",
+                                epilog=env_help(list(HUB_ENV_VARS)), formatter_class=argparse.RawDescriptionHelpFormatter)
     add = p.add_argument
     add("--data", required=True, type=Path, help="training CSV with columns input, target")
     add("--output", required=True, type=Path, help="directory for checkpoints and the final model")

@@ -57,35 +57,92 @@ def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-questions", type=int)
 
 
+# Every environment variable the CLI and the apps read, for `--help` (new settings join here).
+ENV_VARS = {
+    "BIANQUE_V1_MODEL": "BianQue-1.0 hub id or directory (--v1-model)",
+    "BIANQUE_V2_MODEL": "BianQue-2.0 hub id or directory (--v2-model)",
+    "BIANQUE_DEVICE": "device for both models (--device)",
+    "BIANQUE_V1_DEVICE": "device for BianQue-1.0 (--v1-device)",
+    "BIANQUE_V2_DEVICE": "device(s) for BianQue-2.0 (--v2-device)",
+    "BIANQUE_DTYPE": "dtype for both models (--dtype)",
+    "BIANQUE_V1_DTYPE": "dtype for BianQue-1.0 (--v1-dtype)",
+    "BIANQUE_V2_DTYPE": "dtype for BianQue-2.0 (--v2-dtype)",
+    "BIANQUE_QUANTIZE": "4 or 8: weight-only int4/int8 BianQue-2.0 (--quantize)",
+    "BIANQUE_V2_COMPILE": "1: compiled BianQue-2.0 decode step (--v2-compile)",
+    "BIANQUE_SEED": "random seed (--seed)",
+    "BIANQUE_MAX_QUESTIONS": "questions before the advice (--max-questions)",
+}
+# Read by huggingface_hub wherever a hub id is resolved or downloaded.
+HUB_ENV_VARS = {
+    "HF_HOME": "where the Hugging Face cache lives (default ~/.cache/huggingface)",
+    "HF_HUB_OFFLINE": "1: never contact the hub, use the local cache only",
+    "HF_ENDPOINT": "a hub mirror to download from",
+}
+
+
+def env_help(names: Sequence[str] | None = None) -> str:
+    """An argparse epilog (use RawDescriptionHelpFormatter) listing the environment variables a
+    command reads: by default every BIANQUE_* setting and the hub's variables."""
+    known = {**ENV_VARS, **HUB_ENV_VARS}
+    rows = [f"  {name:<24}{known[name]}" for name in (names or known)]
+    return "environment variables (a flag wins over its variable):\n" + "\n".join(rows)
+
+
 def settings_from_args(ns: argparse.Namespace, env: Mapping[str, str] | None = None) -> Settings:
+    """Resolve every setting, then validate each one naming the flag or variable it came from,
+    before any model is loaded."""
     env = os.environ if env is None else env
 
-    def pick(*candidates: str | None) -> str | None:
-        return next((c for c in candidates if c not in (None, "")), None)
+    def pick(*candidates: tuple[str, object]) -> tuple[object, str | None]:
+        """The first set (value, knob) among flag/variable candidates, in precedence order."""
+        return next(((v, k) for k, v in candidates if v not in (None, "")), (None, None))
+
+    def flag(name: str) -> tuple[str, object]:
+        return "--" + name.replace("_", "-"), getattr(ns, name)
+
+    def var(name: str) -> tuple[str, object]:
+        return name, env.get(name)
 
     def model(v: str, repo: str, quantize: int | None, compile: bool = False) -> ModelSettings:
         up = v.upper()
+        device, device_knob = pick(flag(f"{v}_device"), flag("device"), var(f"BIANQUE_{up}_DEVICE"), var("BIANQUE_DEVICE"))
+        dtype, dtype_knob = pick(flag(f"{v}_dtype"), flag("dtype"), var(f"BIANQUE_{up}_DTYPE"), var("BIANQUE_DTYPE"))
+        check_device(device, device_knob)
+        _check_dtype(dtype, dtype_knob)
         return ModelSettings(
-            model=pick(getattr(ns, f"{v}_model"), env.get(f"BIANQUE_{up}_MODEL")) or repo,
-            device=pick(getattr(ns, f"{v}_device"), ns.device, env.get(f"BIANQUE_{up}_DEVICE"),
-                        env.get("BIANQUE_DEVICE")) or default_device(),
-            dtype=pick(getattr(ns, f"{v}_dtype"), ns.dtype, env.get(f"BIANQUE_{up}_DTYPE"), env.get("BIANQUE_DTYPE")),
-            quantize=quantize,
-            compile=compile,
+            model=pick(flag(f"{v}_model"), var(f"BIANQUE_{up}_MODEL"))[0] or repo,
+            device=device or default_device(), dtype=dtype, quantize=quantize, compile=compile,
         )
 
-    quantize = _int(pick(ns.quantize, env.get("BIANQUE_QUANTIZE")), "quantize")
+    quantize = _int(*pick(flag("quantize"), var("BIANQUE_QUANTIZE")))
     if quantize not in (None, 4, 8):
-        raise ValueError(f"quantize must be 4 or 8, got {quantize}")
-    max_q = _int(pick(ns.max_questions, env.get("BIANQUE_MAX_QUESTIONS")), "max-questions")
-    for s in (ns.dtype, ns.v1_dtype, ns.v2_dtype, env.get("BIANQUE_DTYPE")):
-        _check_dtype(s)
+        raise ValueError(f"BIANQUE_QUANTIZE must be 4 or 8, got {quantize}; set it to 4, 8 or unset it")
+    max_q = _int(*pick(flag("max_questions"), var("BIANQUE_MAX_QUESTIONS")))
+    compile = ns.v2_compile or _flag(env.get("BIANQUE_V2_COMPILE"), "BIANQUE_V2_COMPILE")
     return Settings(
         v1=model("v1", V1_REPO, None),
-        v2=model("v2", V2_REPO, quantize, ns.v2_compile or _flag(env.get("BIANQUE_V2_COMPILE"), "BIANQUE_V2_COMPILE")),
-        seed=_int(pick(ns.seed, env.get("BIANQUE_SEED")), "seed"),
+        v2=model("v2", V2_REPO, quantize, compile),
+        seed=_int(*pick(flag("seed"), var("BIANQUE_SEED"))),
         max_questions=DEFAULT_MAX_QUESTIONS if max_q is None else max_q,
     )
+
+
+def check_device(name: str | None, knob: str | None = None) -> None:
+    """A device (list) torch understands and this machine has, else an error naming ``knob``."""
+    if name in (None, "", "auto"):
+        return
+    where = f"{knob}={name!r}" if knob else f"device {name!r}"
+    for part in str(name).split(","):
+        try:
+            device = torch.device(part.strip())
+        except RuntimeError:
+            raise ValueError(f"{where} is not a device: use cpu, cuda, cuda:1, a list cuda:0,cuda:1 or auto") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"{where} asks for CUDA, but this machine has no usable CUDA (torch "
+                             f"{torch.__version__}); set {knob or 'the device'} to cpu or unset it")
+        if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"{where}: this machine has {torch.cuda.device_count()} CUDA device(s); "
+                             f"set {knob or 'the device'} to cuda:0 ... cuda:{torch.cuda.device_count() - 1}")
 
 
 def parse_settings(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None) -> Settings:
@@ -98,13 +155,13 @@ def parse_settings(argv: Sequence[str] | None = None, env: Mapping[str, str] | N
     return settings_from_args(ns, env)
 
 
-def _int(value: object, name: str) -> int | None:
+def _int(value: object, knob: str | None) -> int | None:
     if value is None:
         return None
     try:
         return int(value)
     except (TypeError, ValueError):
-        raise ValueError(f"{name} must be an integer, got {value!r}") from None
+        raise ValueError(f"{knob} must be an integer, got {value!r}") from None
 
 
 def _flag(value: str | None, name: str) -> bool:
@@ -117,9 +174,10 @@ def _flag(value: str | None, name: str) -> bool:
     raise ValueError(f"{name} must be 1 or 0 (true/false), got {value!r}")
 
 
-def _check_dtype(name: str | None) -> None:
+def _check_dtype(name: str | None, knob: str | None = None) -> None:
     if name not in (None, "", "auto") and name.lower() not in DTYPES:
-        raise ValueError(f"unknown dtype {name!r}: use float32, float16 or bfloat16")
+        where = f"{knob}={name!r}" if knob else f"dtype {name!r}"
+        raise ValueError(f"{where} is not a dtype: use float32, float16 or bfloat16")
 
 
 def default_device() -> str:

@@ -191,16 +191,18 @@ def _seed_once(seed: int) -> int:
 
 
 def _load(config: AppConfig, settings: Settings) -> dict[str, Served]:
-    served = {}
+    served, failed = {}, {}
     for kind in config.kinds:
         s = getattr(settings, kind)
         with st.spinner(f"正在加载 {MODEL_NAMES[kind]}（{s.model} → {s.device}）…", show_time=True):
             try:
                 served[kind] = _serve(kind, s.model, s.device, s.dtype, s.quantize, s.compile)
-            except ModelLoadError as exc:
-                _load_error_page(kind, str(exc))
+            except ModelLoadError as exc:  # try the others too: one page names every missing model
+                failed[kind] = str(exc)
             except ImportError as exc:
                 _unavailable_page(kind, exc)
+    if failed:
+        _load_error_page(failed)
     if settings.seed is not None:
         _seed_once(settings.seed)
     return served
@@ -208,13 +210,15 @@ def _load(config: AppConfig, settings: Settings) -> dict[str, Served]:
 
 # ---------------------------------------------------------------- error pages (never a traceback)
 
-def _load_error_page(kind: str, message: str) -> None:
-    log.warning("could not load %s", kind)
-    st.error(f"**{MODEL_NAMES[kind]} 加载失败**\n\n{message}", icon=":material/error:")
-    st.info(
-        f"指定本地模型目录：设置环境变量 `{ENV_VARS[kind]}=DIR`，或启动时传参 "
-        f"`streamlit run <app>.py -- {FLAGS[kind]} DIR`；也可以先运行 `python -m bianque download` 下载模型。"
-    )
+def _load_error_page(failed: dict[str, str]) -> None:
+    """One page for every model that failed to load, each with the variable and flag that choose it."""
+    for kind, message in failed.items():
+        log.warning("could not load %s", kind)
+        st.error(f"**{MODEL_NAMES[kind]} 加载失败**\n\n{message}", icon=":material/error:")
+        st.info(
+            f"指定本地模型目录：设置环境变量 `{ENV_VARS[kind]}=DIR`，或启动时传参 "
+            f"`streamlit run <app>.py -- {FLAGS[kind]} DIR`；也可以先运行 `python -m bianque download` 下载模型。"
+        )
     st.stop()
 
 

@@ -196,6 +196,18 @@ def test_v1_app_missing_model_is_an_error_page_not_a_traceback(backend, tmp_path
     assert not at.chat_input and not at.exception
 
 
+def test_coq_app_with_both_models_missing_names_both(backend, tmp_path, monkeypatch):
+    at = start(COQ_APP, monkeypatch, BIANQUE_V1_MODEL=tmp_path / "no-v1", BIANQUE_V2_MODEL=tmp_path / "no-v2")
+    errors = [e.value for e in at.error]
+    assert len(errors) == 2
+    assert errors[0].startswith("**BianQue-1.0 加载失败**") and f"no such directory {tmp_path}/no-v1" in errors[0]
+    assert errors[1].startswith("**BianQue-2.0 加载失败**") and f"no such directory {tmp_path}/no-v2" in errors[1]
+    infos = [i.value for i in at.info]
+    assert "`BIANQUE_V1_MODEL=DIR`" in infos[0] and "--v1-model DIR" in infos[0]
+    assert "`BIANQUE_V2_MODEL=DIR`" in infos[1] and "--v2-model DIR" in infos[1]
+    assert not at.chat_input and not at.exception
+
+
 def test_bad_arguments_are_an_error_page(backend, v1_dir, monkeypatch):
     at = start(V1_APP, monkeypatch, argv=("--dtype", "float8"), BIANQUE_V1_MODEL=v1_dir)
     assert "启动参数有误" in at.error[0].value and "float8" in at.error[0].value

@@ -135,3 +135,30 @@ def test_load_doctors_passes_the_v2_compile_setting(monkeypatch):
     monkeypatch.setattr(bianque.glm, "load_advisor", lambda model, **kw: seen.update(kw, model=model) or "advisor")
     assert load_doctors("v2", parse_settings(["--v2-compile", "--v2-model", "/m/v2"], {})) == {"v2": "advisor"}
     assert seen == {"model": "/m/v2", "device": seen["device"], "dtype": None, "quantize": None, "compile": True}
+
+
+def test_chat_help_lists_the_environment_variables():
+    out = build_parser()._subparsers._group_actions[0].choices["chat"].format_help()
+    assert "environment variables (a flag wins over its variable):" in out
+    assert "  BIANQUE_V1_DTYPE        dtype for BianQue-1.0 (--v1-dtype)" in out
+    assert "  HF_HUB_OFFLINE          1: never contact the hub, use the local cache only" in out
+
+
+def test_cli_dtype_typo_in_a_variable_is_named_before_any_model_loads(tmp_path):
+    # the model directory does not exist: a load attempt would report that instead
+    proc = run_cli(["chat", "--mode", "v1", "--v1-model", str(tmp_path / "none"), "--json"], "hi\n",
+                   env_extra={"BIANQUE_V1_DTYPE": "bf61"})
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.strip() == "error: BIANQUE_V1_DTYPE='bf61' is not a dtype: use float32, float16 or bfloat16"
+
+
+def test_cli_cuda_on_a_cpu_machine_names_the_variable(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    proc = run_cli(["chat", "--mode", "v1", "--v1-model", str(tmp_path / "none"), "--json"], "hi\n",
+                   env_extra={"BIANQUE_DEVICE": "cuda"})
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("error: BIANQUE_DEVICE='cuda' asks for CUDA, but this machine has no usable CUDA")
+    assert "set BIANQUE_DEVICE to cpu or unset it" in proc.stderr and "--device" not in proc.stderr

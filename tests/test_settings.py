@@ -15,7 +15,9 @@ def test_defaults():
     assert not s.v2.compile and not s.v1.compile
 
 
-def test_flags_beat_env_and_models_can_sit_apart():
+def test_flags_beat_env_and_models_can_sit_apart(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # precedence, not this machine's GPUs
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
     env = {"BIANQUE_V1_MODEL": "/m/v1", "BIANQUE_DEVICE": "cuda:0", "BIANQUE_V2_DEVICE": "cuda:3",
            "BIANQUE_QUANTIZE": "4", "BIANQUE_MAX_QUESTIONS": "5"}
     s = parse_settings(["--v2-model", "/m/v2", "--v1-device", "cpu", "--dtype", "float16"], env)
@@ -73,3 +75,48 @@ def test_repo_id_shapes(tmp_path):
     assert looks_like_repo_id("scutcyr/BianQue-2")
     assert not looks_like_repo_id("./models/x") and not looks_like_repo_id("/abs/x")
     assert resolve_checkpoint(str(tmp_path), "X") == tmp_path
+
+
+@pytest.mark.parametrize("argv, env, expected", [
+    ([], {"BIANQUE_V1_DTYPE": "bf61"}, "BIANQUE_V1_DTYPE='bf61' is not a dtype: use float32, float16 or bfloat16"),
+    ([], {"BIANQUE_V2_DTYPE": "float8"}, "BIANQUE_V2_DTYPE='float8' is not a dtype: use float32, float16 or bfloat16"),
+    (["--v2-dtype", "half2"], {}, "--v2-dtype='half2' is not a dtype: use float32, float16 or bfloat16"),
+    (["--dtype", "int3"], {"BIANQUE_DTYPE": "float16"}, "--dtype='int3' is not a dtype: use float32, float16 or bfloat16"),
+    ([], {"BIANQUE_DEVICE": "gpu"},
+     "BIANQUE_DEVICE='gpu' is not a device: use cpu, cuda, cuda:1, a list cuda:0,cuda:1 or auto"),
+    ([], {"BIANQUE_SEED": "x"}, "BIANQUE_SEED must be an integer, got 'x'"),
+    ([], {"BIANQUE_MAX_QUESTIONS": "many"}, "BIANQUE_MAX_QUESTIONS must be an integer, got 'many'"),
+    ([], {"BIANQUE_QUANTIZE": "3"}, "BIANQUE_QUANTIZE must be 4 or 8, got 3; set it to 4, 8 or unset it"),
+])
+def test_bad_setting_names_the_flag_or_variable_it_came_from(argv, env, expected):
+    with pytest.raises(ValueError) as err:
+        parse_settings(argv, env)
+    assert str(err.value) == expected
+
+
+def test_cuda_on_a_cpu_machine_names_the_variable_not_a_flag(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError) as err:
+        parse_settings([], {"BIANQUE_DEVICE": "cuda"})
+    assert str(err.value) == (f"BIANQUE_DEVICE='cuda' asks for CUDA, but this machine has no usable CUDA "
+                              f"(torch {torch.__version__}); set BIANQUE_DEVICE to cpu or unset it")
+    with pytest.raises(ValueError, match=r"^--v2-device='cuda:1' asks for CUDA.*set --v2-device to cpu"):
+        parse_settings(["--v2-device", "cuda:1"], {})
+
+
+def test_missing_gpu_index_is_named(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(ValueError, match=r"^BIANQUE_V2_DEVICE='cuda:0,cuda:1': this machine has 1 CUDA device\(s\); set BIANQUE_V2_DEVICE to cuda:0 \.\.\. cuda:0$"):
+        parse_settings([], {"BIANQUE_V2_DEVICE": "cuda:0,cuda:1"})
+
+
+def test_env_help_lists_every_variable_the_settings_read():
+    from bianque.settings import env_help
+
+    text = env_help()
+    for name in ("BIANQUE_V1_MODEL", "BIANQUE_V2_MODEL", "BIANQUE_DEVICE", "BIANQUE_V1_DEVICE", "BIANQUE_V2_DEVICE",
+                 "BIANQUE_DTYPE", "BIANQUE_V1_DTYPE", "BIANQUE_V2_DTYPE", "BIANQUE_QUANTIZE", "BIANQUE_V2_COMPILE",
+                 "BIANQUE_SEED", "BIANQUE_MAX_QUESTIONS"):
+        assert f"  {name} " in text
+    assert text.startswith("environment variables (a flag wins over its variable):\n")
