@@ -1,4 +1,4 @@
-"""`python -m bianque chat|download|convert`: terminal consultations and model housekeeping.
+"""`python -m bianque chat|download|convert|records`: terminal consultations and model housekeeping.
 
 The chat shows the doctor's own reply to its user (that is the product); nothing else about the
 dialogue is logged. Status lines go to stderr so ``--json`` output stays machine-readable.
@@ -66,6 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     dl.add_argument("--only", choices=("v1", "v2"))
     conv = sub.add_parser("convert", help="rewrite a BianQue-2 checkpoint as (quantised) safetensors", add_help=False)
     conv.add_argument("args", nargs=argparse.REMAINDER)
+    rec = sub.add_parser("records", help="recorded consultations: list|show|export|delete|purge", add_help=False)
+    rec.add_argument("args", nargs=argparse.REMAINDER)
     return parser
 
 
@@ -75,6 +77,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .convert import main as convert_main
 
         return convert_main(argv[1:])
+    if argv[:1] == ["records"]:  # its own parser owns the flags
+        from .records_cli import main as records_main
+
+        return records_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         if args.command == "download":

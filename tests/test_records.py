@@ -241,3 +241,83 @@ def test_unopenable_databases_are_clear_errors(tmp_path):
     with pytest.raises(RecordsError, match=r"cannot open the records database postgresql://u:\*\*\*@127.0.0.1:1/x: ") as err:
         open_store("postgresql://u:secret@127.0.0.1:1/x")  # server down; the password is never shown
     assert "secret" not in str(err.value)
+
+
+# ---------------------------------------------------------------- the records CLI
+
+
+def _cli(*args: str, cwd=None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    env.pop("BIANQUE_RECORD", None)
+    return subprocess.run(["python3", "-m", "bianque", "records", *args], capture_output=True, text=True,
+                          env=env, cwd=cwd, timeout=120)
+
+
+def test_cli_json_outputs_and_export(tmp_path):
+    import json
+
+    url = f"sqlite:///{tmp_path}/r.db"
+    s = open_store(url)
+    cid, ids = known_consultation(s)
+    other = s.start_consultation("v1")
+    s.close()
+
+    run = _cli("list", "--json", "--db", url)
+    assert run.returncode == 0, run.stderr
+    listed = json.loads(run.stdout)
+    assert [(c["id"], c["app"], c["turns"], c["ratings"]) for c in listed] == [
+        (other, "v1", 0, {"up": 0, "down": 0}), (cid, "coq", 6, {"up": 1, "down": 2})]
+    assert all(isinstance(c["created_at"], str) for c in listed)
+
+    run = _cli("--db", url, "show", str(cid), "--json")
+    assert run.returncode == 0, run.stderr
+    shown = json.loads(run.stdout)
+    assert shown["id"] == cid and shown["app"] == "coq"
+    assert [(t["role"], t["text"], t["stage"], t["model"], t["feedback"]) for t in shown["turns"]] == [
+        ("patient", "我头疼，两天了 \u3000", None, None, None),
+        ("doctor", "有没有发烧？", "question", "v1",
+         {"rating": "up", "better_question": None, "advise_now": False, "comment": None}),
+        ("patient", "没有\t有点咳嗽, \"干咳\"", None, None, None),
+        ("doctor", "咳嗽多久了？", "question", "v1",
+         {"rating": "down", "better_question": "咳嗽有痰吗？", "advise_now": True, "comment": None}),
+        ("patient", "一周😷\n晚上更重", None, None, None),
+        ("doctor", "建议多喝水，\n必要时就医。", "advice", "v2",
+         {"rating": "down", "better_question": None, "advise_now": False, "comment": "没有问清楚就给了建议"}),
+    ]
+
+    run = _cli("export", "--format", "csv", "--out", str(tmp_path / "train.csv"), "--db", url)
+    assert run.returncode == 0, run.stderr
+    assert (tmp_path / "train.csv").read_bytes() == EXPECTED_CSV
+
+    run = _cli("export", "--format", "jsonl", "--out", str(tmp_path / "d.jsonl"), "--db", url)
+    assert run.returncode == 0, run.stderr
+    from bianque.data import read_dialogues
+
+    dialogues = read_dialogues(tmp_path / "d.jsonl")  # what `bianque.data build` reads
+    assert [[(t.role, t.text) for t in d] for d in dialogues] == [[
+        ("patient", "我头疼，两天了 \u3000"), ("doctor", "有没有发烧？"), ("patient", "没有\t有点咳嗽, \"干咳\""),
+        ("doctor", "咳嗽多久了？"), ("patient", "一周😷\n晚上更重"), ("doctor", "建议多喝水，\n必要时就医。")]]
+    build = subprocess.run(["python3", "-m", "bianque.data", "build", "--in", str(tmp_path / "d.jsonl"),
+                            "--out", str(tmp_path / "b.csv")], capture_output=True, text=True, timeout=120,
+                           env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    assert build.returncode == 0, build.stderr
+    assert len(read_csv(tmp_path / "b.csv").examples) == 3
+
+    assert _cli("delete", str(cid), "--db", url).returncode == 0
+    run = _cli("show", str(cid), "--db", url)
+    assert run.returncode == 2 and f"no consultation {cid}" in run.stderr
+    assert _cli("purge", "--older-than", "0d", "--db", url).returncode == 0
+    assert json.loads(_cli("list", "--json", "--db", url).stdout) == []
+
+
+def test_cli_clear_errors(tmp_path):
+    run = _cli("list", "--db", f"sqlite:///{tmp_path}/missing.db")
+    assert run.returncode == 2 and "no records database at" in run.stderr
+    assert not (tmp_path / "missing.db").exists()
+    run = _cli("list", "--db", "postgresql://u:secret@127.0.0.1:1/x")
+    assert run.returncode == 2 and "cannot open the records database" in run.stderr and "secret" not in run.stderr
+    url = f"sqlite:///{tmp_path}/r.db"
+    open_store(url).close()
+    run = _cli("purge", "--older-than", "a month", "--db", url)
+    assert run.returncode == 2 and "30d" in run.stderr
+    assert "Traceback" not in run.stderr
