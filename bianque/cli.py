@@ -64,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
                         formatter_class=raw)
     dl.add_argument("--to", help="directory to put them in (default: the Hugging Face cache)")
     dl.add_argument("--only", choices=("v1", "v2"))
+    from .serving.api import add_serve_arguments
+
+    add_serve_arguments(sub.add_parser("serve", help="OpenAI-compatible HTTP API (FastAPI + uvicorn)"))
     conv = sub.add_parser("convert", help="rewrite a BianQue-2 checkpoint as (quantised) safetensors", add_help=False)
     conv.add_argument("args", nargs=argparse.REMAINDER)
     rec = sub.add_parser("records", help="recorded consultations: list|show|export|delete|purge", add_help=False)
@@ -85,6 +88,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "download":
             return download(args)
+        if args.command == "serve":
+            from .serving.api import serve
+
+            return serve(args)
         return chat(args)
     except ModelLoadError as exc:
         print(f"error: {exc}", file=sys.stderr)
