@@ -64,14 +64,16 @@ FINAL_NE = "呢"
 NE_WH_WORDS = ("什么", "怎么", "谁")
 NE_FOLLOW_UP_STARTS = ("那", "另外", "其他", "其它")
 
+# A request to send or show results ("把检查报告发过来看看", "您可以把检查结果发给我").
+REQUEST_PATTERN = r"(把|将)[^，,。]{1,14}?(发|传|拍|给)(过来|上来|上传|给我|一下|我看|来看)"
 # Clause-level asking markers. Each regex names one way a doctor asks without "？".
 ASKING_PATTERNS = (
     r"请问",
     r"是否",
     r"有无",
     r"([\u4e00-\u9fff])[不没]\1",  # A-not-A: 有没有, 是不是, 疼不疼, 会不会
-    r"(?<!没有)(?<![没不])多(久|长时间|大(?!程度)|高|重)",
-    r"多少(?![有会都也还])",
+    r"(?<!没有)(?<![没不])多(久|长时间|大(?!程度|的)|高|重)",
+    r"(?<![不了没])多少(?![有会都也还分])",
     # 几 asks when it closes the clause or takes 了 ("咳嗽几天了"), not in "观察几天" / "几天后".
     r"(?<![过息察等这前后好十每])几(天|次|年|个月|周|岁|小时|回|顿|分钟)(?=了|啊|呀|$)",
     r"什么(时候|时间|样|情况|症状|药|原因引起)(?![都也的])",
@@ -79,11 +81,14 @@ ASKING_PATTERNS = (
     r"(?<![不])是(什么|哪)",
     r"哪(里|儿|个|些|种|侧|边|一|位|天)",
     r"怎么样(?!才)",
-    r"是[^，,]{1,12}?还是",
-    r"请(描述|说|讲|告诉|提供|补充|详细|具体|回忆)",
-    r"(描述|说|讲|介绍|形容)一下",
+    r"(?<![但就可还只也于总要真正都倒凡])是[^，,]{1,12}?还是",
+    r"请(您|你)?(描述|说|讲|告诉|提供|补充|详细|具体|回忆|上传|发)",
+    r"(描述|叙述|说|讲|介绍|形容)一下",
     r"(说说|讲讲|告诉我)",
     r"(能否|可否|方便)(说|讲|告诉|描述|提供)",
+    REQUEST_PATTERN,
+    r"(想|需要|要)(进一步|再|先)?(了解|知道|问)一下?(您|你)",
+    r"需要(进一步|再|更多)?(了解|知道)",
 )
 # Markers that turn a clause with an asking marker into a statement about testing or conditions.
 EMBEDDING_PATTERNS = (
@@ -93,11 +98,14 @@ EMBEDDING_PATTERNS = (
     r"取决于|要看|视情况",
     r"不知道|不清楚|不确定",
     r"一般|通常|往往|大多",
-    r"(检查|复查|化验|查|看看|观察|确定|确认|判断|排除|明确|评估|注意|监测|鉴别)[^，,]{0,8}?(是否|有无|有没有|是不是)",
+    r"(检查|复查|化验|查|看看|观察|确定|确认|判断|排除|明确|评估|注意|监测|鉴别|决定|选择)[^，,]{0,8}?(是否|有无|有没有|是不是)",
+    r"(确定|决定|选择|判断|明确|就看|根据)[^，,]{0,8}?(什么|哪|多少|几)",
+    r"比如|例如|诸如",
+    r"随时|欢迎",  # closing offers: "有什么问题随时咨询", "如有疑问欢迎再来"
     r"(向|跟|和|告诉)医生",
 )
 # Questions that are rhetorical wherever they stand ("难道…吗？").
-RHETORICAL_MARKERS = ("难道", "岂不", "岂能", "何必", "何尝", "谁不", "怎能", "哪能", "不就是", "何况")
+RHETORICAL_MARKERS = ("难道", "岂不", "岂能", "何必", "何尝", "谁不", "怎能", "哪能", "不就是", "何况", "哪里有这么", "哪有这么")
 # Self-posed questions of advice ("那么该怎么办呢？", "为什么会失眠？"): rhetorical unless they
 # address the patient (a second-person word), as in "您平时如何缓解？".
 SELF_POSED_MARKERS = (
@@ -106,6 +114,20 @@ SELF_POSED_MARKERS = (
 )
 SECOND_PERSON = ("你", "您", "孩子", "宝宝", "小孩", "宝贝")
 
+# A question that addresses the patient (second person, 请问, a request for results, the usual
+# history-taking items) still asks however much advice follows it ("请问现在有什么症状？平时注意
+# 饮食……"): the tail limit is for questions the text poses and answers itself ("高血压能吃党参吗？
+# 高血压病人可以口服党参的……"), which restate the patient's question without addressing them.
+ADDRESSING_PATTERNS = (
+    r"[你您](?!好)",
+    r"请问",
+    REQUEST_PATTERN,
+    r"多久|多长时间|多大(?!的)|不舒服|什么症状|哪里|什么药|做过|查过|方便",
+    r"^(有没有|是否有|有无)",
+    r"(睡眠|饮食|食欲|胃口|大便|小便|精神|血压|血糖|血脂|体温|心率)[^，,]{0,4}(怎么样|如何|多少)",
+)
+
+_ADDRESSING_RE = re.compile("|".join(f"(?:{p})" for p in ADDRESSING_PATTERNS))
 _ASKING_RE = re.compile("|".join(f"(?:{p})" for p in ASKING_PATTERNS))
 _EMBEDDING_RE = re.compile("|".join(f"(?:{p})" for p in EMBEDDING_PATTERNS))
 _CLOSERS = "。！!；;\n…～~ 　.,，、"  # what may trail a sentence besides a question mark
@@ -162,16 +184,18 @@ def is_asking(sentence: str) -> bool:
 
 
 def question_reason(text: str) -> tuple[bool, str]:
-    """(is_question, the rule that decided it): question_mark / final_particle / asking_phrase,
-    or no_asking_sentence / long_tail for statements."""
+    """(is_question, the rule that decided it): question_mark / final_particle / asking_phrase /
+    addressed_question, or no_asking_sentence / long_tail for statements."""
     parts = sentences(text)
     reasons = [(i, r) for i, r in ((i, asking_reason(s)) for i, s in enumerate(parts)) if r]
     if not reasons:
         return False, "no_asking_sentence"
     last, reason = reasons[-1]
-    if _content_len("".join(parts[last + 1:])) > MAX_TAIL_CHARS:
-        return False, "long_tail"
-    return True, reason
+    if _content_len("".join(parts[last + 1:])) <= MAX_TAIL_CHARS:
+        return True, reason
+    if any(_ADDRESSING_RE.search(parts[i].lstrip("，, ")) for i, _ in reasons):
+        return True, "addressed_question"
+    return False, "long_tail"
 
 
 def is_question(text: str) -> bool:
@@ -321,3 +345,88 @@ class ChainOfQuestioning:
             return DoctorReply(ADVICE, V2, _lazy(self.advisor, turns, v2_params), handover=reason)
         log.debug("router: stage=advice model=v2")
         return DoctorReply(ADVICE, V2, _lazy(self.advisor, turns, v2_params))
+
+
+# --- evaluation on labelled turns ------------------------------------------------------------
+SHORT_CHARS = 60  # v1's replies are short; the issue reports short (<= 60 chars) and long apart
+
+
+def score(pairs: Iterable[tuple[bool, bool]]) -> dict[str, float | int]:
+    """n, accuracy, precision and recall of (predicted, expected) pairs; 'question' is positive."""
+    tp = fp = fn = tn = 0
+    for predicted, expected in pairs:
+        tp += predicted and expected
+        fp += predicted and not expected
+        fn += expected and not predicted
+        tn += not predicted and not expected
+    n = tp + fp + fn + tn
+    return {
+        "n": n,
+        "accuracy": (tp + tn) / n if n else 0.0,
+        "precision": tp / (tp + fp) if tp + fp else 0.0,
+        "recall": tp / (tp + fn) if tp + fn else 0.0,
+    }
+
+
+def evaluate(rows: Sequence[dict[str, Any]], detector: Any = None) -> dict[str, dict[str, float | int]]:
+    """Scores of ``detector`` (default ``is_question``) on rows with ``text`` and ``label``
+    (``question``/``statement``): overall, short (<= SHORT_CHARS characters) and long."""
+    detector = detector or is_question
+    labelled = [(detector(r["text"]), r["label"] == "question", len(r["text"]) <= SHORT_CHARS) for r in rows]
+    return {
+        "overall": score((p, e) for p, e, _ in labelled),
+        "short": score((p, e) for p, e, s in labelled if s),
+        "long": score((p, e) for p, e, s in labelled if not s),
+    }
+
+
+def load_labelled(path: str) -> list[dict[str, Any]]:
+    """Rows of a labelled JSONL file; a malformed line stops with its line number."""
+    import json
+
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                if not isinstance(row.get("text"), str) or row.get("label") not in ("question", "statement"):
+                    raise ValueError("needs a string 'text' and a 'label' of question|statement")
+            except (ValueError, AttributeError) as exc:
+                raise ValueError(f"{path}:{number}: {exc}") from None
+            rows.append(row)
+    return rows
+
+
+def _report(path: str, show_errors: bool) -> str:
+    rows = load_labelled(path)
+    lines = [f"{path}: {len(rows)} turns", "detector             subset   n    accuracy precision recall"]
+    for name, detector in (("is_question", is_question), ("is_question_original", is_question_original)):
+        for subset, s in evaluate(rows, detector).items():
+            lines.append(f"{name:20} {subset:8} {s['n']:<4} {s['accuracy']:.3f}    {s['precision']:.3f}     {s['recall']:.3f}")
+    if show_errors:  # labelled development data, not patient text
+        for i, row in enumerate(rows, 1):
+            decided, reason = question_reason(row["text"])
+            if decided != (row["label"] == "question"):
+                lines.append(f"row {i}: expected {row['label']}, got {reason}: {row['text'][:80]}")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m bianque.router --eval FILE [--errors]``: the detectors' scores on labelled turns."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m bianque.router", description=main.__doc__)
+    parser.add_argument("--eval", required=True, metavar="FILE", help="JSONL rows with text and label")
+    parser.add_argument("--errors", action="store_true", help="also list the misjudged rows of FILE")
+    args = parser.parse_args(argv)
+    try:
+        print(_report(args.eval, args.errors))
+    except (OSError, ValueError) as exc:
+        parser.exit(2, f"error: {exc}\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
