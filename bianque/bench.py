@@ -304,7 +304,8 @@ def run_glm(cfg: BenchConfig) -> dict:
         "matvec_gbps": matvec, "decode_vs_matvec": size / per_token / GB / matvec, "matvec_gbps_best": matvec_best,
         "bandwidth_limit_gbps": limit, "decode_vs_limit": size / per_token / GB / limit if limit else None,
         "compile": cfg.compile, "compiled": compiled, "compile_s": compile_s,
-        "peak_memory_gb": peak_memory_gb(device), "quantize": cfg.quantize,
+        # a checkpoint converted with --quantize is int4/int8 without the flag: report what ran
+        "peak_memory_gb": peak_memory_gb(device), "quantize": cfg.quantize or getattr(config, "quantization_bit", 0) or None,
         "checkpoint": cfg.checkpoint, "load_s": load_s, "peak_memory_after_load_gb": load_peak,
         **(run_consultation(model, cfg.tokenizer or cfg.checkpoint, cfg.consultation, cfg.max_length, device)
            if cfg.consultation else {}),

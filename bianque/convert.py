@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import re
 import shutil
 import sys
@@ -151,6 +152,7 @@ def convert(src: str | Path, dst: str | Path, dtype: str | None = None, quantize
                 weight_map[name] = filename
                 total += tensor.numel() * tensor.element_size()
         save_file(tensors, str(target / filename), metadata={"format": "pt"})
+        make_readable(target / filename)
         del tensors
         log.info("wrote shard %d/%d", number, len(shards))
     _write_json(target / INDEX_NAME, {"metadata": {"total_size": total}, "weight_map": weight_map})
@@ -159,6 +161,17 @@ def convert(src: str | Path, dst: str | Path, dtype: str | None = None, quantize
     log.info("converted checkpoint: shards=%d bytes=%d quantize=%s seconds=%.1f",
              len(shards), total, quantize, time.perf_counter() - started)
     return target
+
+
+def make_readable(path: Path) -> None:
+    """Give a written weights file the umask's usual mode (0644 under umask 022).
+
+    safetensors writes through a private temporary file, so its files come out 0600: other users
+    and services (the demo server's account, a second engineer) could not read the model.
+    """
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
 
 
 def _read_config(source: Path) -> dict:

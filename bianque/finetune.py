@@ -32,6 +32,7 @@ from typing import Iterator, Sequence
 
 import torch
 
+from .convert import make_readable
 from .data import DataError, Example, read_csv, split
 from .errors import ModelLoadError
 from .hub import V1_REPO, resolve_checkpoint
@@ -232,6 +233,8 @@ def save_model(model, directory: Path, tokenizer_dir: Path) -> None:
     """A plain HF checkpoint: config.json, model.safetensors and the base model's tokenizer files."""
     directory.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(directory)
+    for weights in directory.glob("*.safetensors"):
+        make_readable(weights)
     keep_untied_flag(directory / "config.json", tokenizer_dir / "config.json")
     for name in TOKENIZER_FILES:
         if (tokenizer_dir / name).is_file():

@@ -187,3 +187,19 @@ def test_missing_source_names_the_src_argument_not_an_env_var(tmp_path):
         convert(tmp_path / "no-such-checkpoint", tmp_path / "out")
     assert f"no such directory {tmp_path}/no-such-checkpoint; set the SRC argument to" in str(err.value)
     assert "BIANQUE_V2_MODEL" not in str(err.value)
+
+
+def test_converted_shards_are_readable_by_others(tmp_path):
+    import os
+    import stat
+
+    from bianque.convert import convert
+    from tests.tiny_glm import build_tiny_glm
+
+    old = os.umask(0o022)
+    try:
+        out = convert(build_tiny_glm(tmp_path / "tiny"), tmp_path / "out", quantize=8)
+    finally:
+        os.umask(old)
+    shards = sorted(out.glob("*.safetensors"))
+    assert shards and all(stat.S_IMODE(p.stat().st_mode) == 0o644 for p in shards)

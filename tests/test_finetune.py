@@ -298,3 +298,19 @@ def test_fine_tuned_output_chats_in_the_cli(tmp_path, tiny_model, capsys, monkey
     assert cli.main(argv) == 0
     reply = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert reply["model"] == "v1" and reply["stage"] in ("question", "advice") and isinstance(reply["text"], str)
+
+
+def test_saved_weights_are_readable_by_others(tmp_path, tiny_model):
+    import stat
+
+    from bianque.finetune import save_model
+    from bianque.t5 import load_questioner
+
+    model = load_questioner(str(tiny_model)).model
+    old = os.umask(0o022)
+    try:
+        save_model(model, tmp_path / "out", tiny_model)
+    finally:
+        os.umask(old)
+    weights = list((tmp_path / "out").glob("*.safetensors"))
+    assert weights and all(stat.S_IMODE(p.stat().st_mode) == 0o644 for p in weights)

@@ -96,3 +96,15 @@ def test_bench_on_a_checkpoint_names_its_shape_and_counts_parameters_not_bytes(t
     full = result["parameters"] * 4  # float32 bytes
     assert result["weights_gb"] * 1e9 == pytest.approx(full) if quantize is None else result["weights_gb"] * 1e9 < full
     assert bench.preset_name(GLMConfig()) == "6b"
+
+
+def test_bench_on_an_int4_converted_checkpoint_reports_quantize_4(tmp_path, capsys):
+    from bianque.convert import convert
+    from tests.tiny_glm import build_tiny_glm
+
+    int4 = convert(build_tiny_glm(tmp_path / "tiny"), tmp_path / "int4", quantize=4)
+    argv = ["glm", "--checkpoint", str(int4), "--prompt-tokens", "8", "--new-tokens", "4", "--repeats", "1",
+            "--matvec-mb", "8", "--json"]  # no --quantize: the checkpoint itself is int4
+    assert bench.main(argv) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["quantize"] == 4
