@@ -19,6 +19,7 @@ from .session import ADVISE_NOW_TEXT, MODEL_NAMES
 from .settings import HUB_ENV_VARS, Settings, add_settings_arguments, env_help, settings_from_args
 
 MODES = ("v1", "v2", "coq")
+ADVISE_EMPTY = "（请先描述您的情况，再输入 /advise 请求建议；也可以一起输入：/advise 头疼三天了）"
 COMMANDS_HELP = "命令：/advise 直接给建议  /clear 新的问诊  /quit 退出  （Ctrl-C 停止当前回复）"
 
 
@@ -171,7 +172,7 @@ def chat(args: argparse.Namespace) -> int:
 
 
 def handle_line(text: str, turns: list[Turn], respond: Responder) -> tuple[str, Reply | None]:
-    """Apply one input line to the dialogue: ('quit'|'clear'|'skip'|'reply', reply)."""
+    """Apply one input line to the dialogue: ('quit'|'clear'|'skip'|'advise-empty'|'reply', reply)."""
     text = text.strip()
     if not text:
         return "skip", None
@@ -182,8 +183,8 @@ def handle_line(text: str, turns: list[Turn], respond: Responder) -> tuple[str, 
         return "clear", None
     advise_now = text.split(maxsplit=1)[0] == "/advise"
     if advise_now:
-        if not turns:
-            return "skip", None
+        if not turns and text == "/advise":  # nothing to advise on: say so (see ADVISE_EMPTY)
+            return "advise-empty", None
         # As the apps' "直接给建议" button: the request is a visible patient turn, so the dialogue
         # still alternates and the advisor reads what was asked ("/advise 还有点发热" adds that text).
         text = text[len("/advise"):].strip() or ADVISE_NOW_TEXT
@@ -197,6 +198,8 @@ def run_json(respond: Responder, stdin: TextIO, stdout: TextIO) -> int:
         action, reply = handle_line(line, turns, respond)
         if action == "quit":
             break
+        if action == "advise-empty":
+            print(ADVISE_EMPTY, file=sys.stderr)
         if reply is None:
             continue
         text = "".join(reply.chunks)
@@ -254,6 +257,8 @@ def run_interactive(respond: Responder, mode: str, max_questions: int) -> int:
             return 0
         if action == "clear":
             print("（已开始新的问诊）", file=out)
+        if action == "advise-empty":
+            print(ADVISE_EMPTY, file=out)
         if reply is None:
             continue
         out.write(f"医生［{label(reply, turns[:-1], max_questions, mode)}］：")

@@ -71,7 +71,8 @@ def test_commands_clear_and_advise():
         seen.append((list(ts), advise_now))
         return Reply("question", "v1", iter(["好"]))
 
-    assert handle_line("/advise", turns, respond) == ("skip", None)  # nothing to advise on yet
+    assert handle_line("/advise", turns, respond) == ("advise-empty", None)  # nothing to advise on yet
+    assert turns == [] and seen == []
     action, reply = handle_line("  头疼  ", turns, respond)
     assert action == "reply" and turns == [Turn(PATIENT, "头疼")]
     turns.append(Turn(DOCTOR, "疼多久了？", "question"))
@@ -162,3 +163,20 @@ def test_cli_cuda_on_a_cpu_machine_names_the_variable(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.startswith("error: BIANQUE_DEVICE='cuda' asks for CUDA, but this machine has no usable CUDA")
     assert "set BIANQUE_DEVICE to cpu or unset it" in proc.stderr and "--device" not in proc.stderr
+
+
+def test_advise_as_the_first_message_is_answered_not_ignored(monkeypatch, capsys):
+    from bianque.cli import run_interactive
+
+    seen = []
+
+    def respond(ts, advise_now):
+        seen.append((list(ts), advise_now))
+        return Reply("advice", "v2", iter(["多喝水。"]))
+
+    lines = iter(["/advise", "/advise 头疼三天了", "/quit"])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
+    assert run_interactive(respond, "coq", 8) == 0
+    out = capsys.readouterr().out
+    assert "（请先描述您的情况，再输入 /advise 请求建议；也可以一起输入：/advise 头疼三天了）" in out
+    assert seen == [([Turn(PATIENT, "头疼三天了")], True)] and "多喝水。" in out
