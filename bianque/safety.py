@@ -1,29 +1,58 @@
 """Red flags: patient messages that describe an emergency, whatever the models go on to say.
 
-The rules are data (``RULES``): each names a situation, the phrases that reveal it and the message
-the UI shows. A rule fires when, for any one of its ``when`` alternatives, every phrase group is
-found AFFIRMED somewhere in the message: "没有胸痛" / "不胸痛" / "无呼吸困难" / "没有胸痛、气短和出汗"
-/ "胸痛已经好了" do not count. The matcher errs towards warning: a hypothetical ("如果胸痛出汗怎么办")
-still fires, because a needless notice costs far less than a missed heart attack.
-Patient text is never logged here.
+A safety net, not triage: it never says a message is safe, it only adds a "call 120" notice.
+
+The catalogue (``RULES``) follows the conditions that public emergency guidance treats as
+immediate: the 120 dispatch criteria of China's pre-hospital emergency services (国家卫生健康委
+《院前医疗急救管理办法》 and the 120 call-taking questions), the Chinese emergency pre-triage standard
+(《急诊预检分诊专家共识》, level 1-2: cardiac arrest, airway/breathing, shock, coma, seizures, acute
+chest pain, stroke signs, major bleeding, poisoning, major trauma and burns, obstetric
+emergencies) and the WHO/ICRC Emergency Triage Assessment and Treatment (ETAT) signs for children.
+The one-line actions follow the Red Cross Society of China first-aid training material and the
+WHO/IFRC first-aid guidelines (pressure on bleeding wounds, recovery position, no food or drink,
+keep the poison's container, cool burns with running water, keep a bitten limb still, note when
+stroke signs began). The self-harm notice names 12356, the national unified psychological
+assistance hotline set up by the National Health Commission (notice of Dec 2024; every region
+connected by 1 May 2025), as well as 120/110.
+
+Matching works on clauses (split at punctuation and at 但是/可是): each rule is a list of
+alternatives, each alternative a list of findings that must all be AFFIRMED somewhere in the text.
+Findings are gap-tolerant regexes ("吐了好多血", "咳出一大口鲜血", "胸口像压了块大石头"). A finding is
+not affirmed when its clause negates it right before ("没有胸痛", "也没有明显的呼吸困难", "差点晕倒")
+or after ("胸痛已经好了"), when it is said to be past history ("以前中风过", "有心梗病史",
+"以前…现在好了"), or when its sentence asks about prevention or general knowledge ("怎么预防中风").
+Hypotheticals and other people ("如果胸痛出汗怎么办", "我爸…") still fire: a needless notice costs far
+less than a missed heart attack.
+
+Dialogue level: ``red_flags(text, earlier)`` also reads the last ``WINDOW - 1`` earlier patient
+messages. Three messages because an emergency told in pieces ("胸口疼" … "还出了好多冷汗") is
+completed within one or two doctor questions; a longer window would join complaints that are no
+longer current and raise false alarms. A flag found only by joining is returned when the current
+message completes it (it did not fire on the window ending at the previous message), so the notice
+appears under the message that completed the picture, once.
+
+Patient text is never logged here. ``python -m bianque.safety --bench`` prints the speed.
 """
 from __future__ import annotations
 
 import re
+import sys
+import time
 import unicodedata
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Sequence
 
 CALL_120 = "请立即拨打120，或马上去最近医院的急诊。"
+WINDOW = 3  # patient messages read together: the current one and the two before it
 
 
 @dataclass(frozen=True)
 class RedFlag:
-    """One emergency rule. ``when``: alternatives, each a tuple of regexes that must all match."""
+    """One emergency category. ``when``: alternatives, each a tuple of findings that must all hold."""
 
-    name: str
-    message: str
+    name: str  # stable ASCII id
+    message: str  # the explanation shown to the user
     when: tuple[tuple[str, ...], ...]
     supersedes: tuple[str, ...] = ()  # narrower notices this one makes redundant
     action: str = CALL_120  # one-line safe first-aid action
@@ -34,167 +63,370 @@ def flag_dict(flag: RedFlag) -> dict[str, str]:
     return {"name": flag.name, "message": flag.message, "action": flag.action}
 
 
-# --- phrase groups (regex alternations) -------------------------------------------------------
-CHEST_PAIN = r"胸(口|部|前|前区|骨后)?(剧痛|痛|疼|绞痛|压榨|压迫感|闷痛|憋痛|发紧|闷)|心口(痛|疼)|心绞痛|心前区(痛|疼)"
-SWEAT_BREATH_RADIATING = (
-    r"出汗|大汗|冷汗|虚汗|出了很多汗|呼吸困难|喘不上气|喘不过气|透不过气|憋气|气短|气促|气急|"
-    r"(左|左边的?)(臂|肩|手臂|胳膊)|下巴|下颌|濒死感"
-)
-STROKE_SIGNS = (
-    r"口角(歪斜|歪)|嘴角?歪|口眼歪斜|脸(突然)?歪|面部歪斜|半身不遂|偏瘫|"
-    r"(一侧|一边|半边|单侧|左侧|右侧|左边|右边)的?(肢体|身体|身子|手脚|胳膊|手臂|腿|上肢|下肢|脸)"
-    r"(突然)?(无力|麻木|发麻|不能动|没力气|没劲|动不了|抬不起来)|"
-    r"(言语|说话|讲话|口齿|吐字)(突然)?(不清|含糊|不利索)|突然(说不出话|说不清|说话不清)|"
-    r"突然(看不见|看不清|失明|一只眼(睛)?看不见)"
-)
-SEVERE_BLEEDING = (
-    r"大出血|大量出血|出血(很多|不止)|流血不止|血流不止|止不住血|血(怎么也)?止不住|喷血|血往外喷|"
-    r"大口(吐|咯|咳|呕)血|吐血|呕血|咯血不止|大量咯血|大量便血|便血很多|柏油样便|黑便"
-)
-SELF_HARM = (
-    r"想死|不想活|活不下去|活着没(有)?(意思|意义)|自杀|轻生|结束(自己的)?生命|了结自己|自残|自伤|"
-    r"割腕|伤害自己|跳楼|寻死|离开这个世界"
-)
-CHILD = r"孩子|宝宝|小孩|儿子|女儿|婴儿|新生儿|幼儿|小朋友|宝贝|个(多)?月大"
-CHILD_EMERGENCY = (
-    r"抽搐|抽风|惊厥|(?<![腿脚])抽筋|翻白眼|口吐白沫|呼吸困难|喘不上气|喘不过气|呼吸(很|特别|非常)?(急促|快)|"
-    r"憋(得|的)?(脸|嘴唇)?(发紫|发青)|嘴唇(发紫|青紫|发青|发绀)|鼻翼扇动|三凹征|昏迷|叫不醒"
-)
-BREATHING = r"呼吸困难|喘不上气|喘不过气|透不过气|嘴唇(发紫|青紫|发绀)|窒息|卡住.{0,4}(喘不|说不出话)"
-ALLERGEN = r"过敏|蜂蜇|蜂蛰|被蜇|被蛰|打针后|打完针|输液后|青霉素|头孢|吃了?海鲜|花生"
-AIRWAY_SWELLING = (
-    r"喉咙(发紧|肿|堵)|嗓子(发紧|肿)|喉头水肿|呼吸困难|喘不上气|喘不过气|嘴唇(肿|发紫)|舌头(肿|发麻)|"
-    r"脸(肿|全肿)|全身(起|出)?(疹子|风团|荨麻疹)"
-)
-UNCONSCIOUS = r"昏迷|晕倒|昏倒|晕过去|昏过去|失去意识|意识不清|神志不清|不省人事|叫不醒|喊不醒|晕厥|突然倒地|休克"
-SUDDEN = r"突然|突发"
-WORST_HEADACHE = r"剧烈(的)?头(痛|疼)|头(痛|疼)欲裂|头(痛|疼)得(要)?(炸|裂)|爆炸(样|一样|似)(的)?头(痛|疼)|最(严重|厉害|痛)的(一次)?头(痛|疼)"
-POISON = (
-    r"误服|误食|喝了?农药|吃了?老鼠药|服毒|中毒|一氧化碳|煤气|百草枯|敌敌畏|吞了?(纽扣)?电池|吞了?磁铁|"
-    r"(吃|吞|喝)了?(一整瓶|一瓶|一大把|很多|大量)的?(药|安眠药|药片|消毒液)"
-)
-PREGNANT = r"怀孕|孕(早期|中期|晚期|期|妇)|停经|妊娠"
-PREGNANCY_DANGER = r"大量出血|流血很多|出血很多|剧烈腹痛|肚子剧痛|腹痛剧烈|肚子疼得厉害|晕倒|昏倒"
-# An age, not a duration: "两个月大" / "三个月的宝宝" / "宝宝才两个月", never "发烧三个月了".
-MONTHS_1_3 = r"(?<![0-9十])[1-3一二两三]个(多)?月"
-INFANT = (
-    rf"新生儿|满月|{MONTHS_1_3}大|{MONTHS_1_3}的(宝宝|孩子|婴儿|小孩|女儿|儿子)|"
-    rf"(宝宝|孩子|婴儿|女儿|儿子)(才|刚|刚刚)?(出生)?{MONTHS_1_3}"
-)
-FEVER = r"发烧|发热|高烧|高热|体温(3[89]|4[0-2])"
+GAP_NEGATORS = r"不(?!少|停|行|断|住|了|醒|动|上|过|出|清|见)|没(?!劲|力|反应)|无(?!力|法)|未"
+
+
+def gap(n: int, banned: str = "") -> str:
+    """Up to ``n`` characters between two parts of a finding (never crossing a clause or a negator:
+    "脖子也不硬" is no stiff neck)."""
+    banned = f"{banned}|{GAP_NEGATORS}" if banned else GAP_NEGATORS
+    return rf"(?:(?!{banned}).){{0,{n}}}"
+
+
+# --- findings (regex alternations) ------------------------------------------------------------
+SEIZE = r"(?<![腿脚])抽(?!筋|血|烟|空|屉|出|时间|水)"
+NUM = r"[0-9一二三四五六七八九十两几半]"
+SEVERE = (r"(?<!不)(?<!不太)(?<!没那么)(厉害|剧烈|剧痛|要命|受不了|忍不了|难以忍受|撕心裂肺|钻心|刀割|刀绞|"
+          r"撕裂|要炸|炸开|裂开|死去活来|打滚|直不起腰|疼死|痛死|喘不|冒冷汗|出冷汗|大汗)")
+SUDDEN = r"突然|突发|一下子|猛地|瞬间|忽然"
+CHEST = r"(胸口|胸部|胸前|胸骨|前胸|胸膛|心口|心窝|心前区|胸)"
+CHEST_PAIN = CHEST + gap(8) + r"(痛|疼|闷|压|堵|紧|揪|绞|憋|沉|刺|石头)"
+CHEST_SEVERE = CHEST + gap(10) + "(" + SEVERE + r"|像" + gap(6) + r"(石头|压|勒|捏|攥|绑|箍|撕|刀|锤|大象|重物))"
+TEARING = r"撕裂(样|一样|似的?|般)" + gap(4) + r"(痛|疼)|(疼|痛)" + gap(4) + r"(穿|窜|放射|连)到?" + gap(2) + r"(后背|背)"
+PAIN_SEVERE = r"(疼|痛)得?" + gap(4) + r"(受不了|要命|忍不了|打滚|撕心裂肺|死去活来)"
+HEART_ATTACK = r"心梗|心肌梗|心绞痛发作|急性冠脉|主动脉夹层"
+ACS_SIGNS = (r"出汗|冷汗|大汗|虚汗|汗" + gap(3) + r"(湿|透|直流|往下)|喘不|气短|气促|气急|呼吸困难|上不来气|透不过气|憋气|"
+             r"左" + gap(2) + r"(肩|臂|胳膊|手)|后背|背部|下巴|下颌|牙" + gap(2) + r"(疼|痛)|濒死|要死了|快死了|"
+             r"脸色" + gap(2) + r"(苍白|发白|煞白|发青)|嘴唇发紫")
+
+FACE = r"(嘴|口角|嘴角|脸|面部|眼角|半边脸)" + gap(4) + r"(歪|斜|耷拉|下垂|垂下)"
+WEAK = r"(无力|麻木|发麻|麻了|不能动|没力气|没劲|动不了|抬不起|不听使唤|不灵|拿不住|使不上劲|握不住|瘫)"
+LIMB = r"(肢体|身体|身子|手脚|胳膊|手臂|手|腿|脚|上肢|下肢)"
+ONE_SIDE = (r"(一侧|一边|半边|单侧|半身|偏身|左半|右半)" + gap(8) + WEAK + r"|半身不遂|偏瘫|口眼歪斜|往一边(倒|歪)|"
+            r"(左|右)(边|侧)?的?(手脚|手和脚|胳膊和腿|手和腿|半身)" + gap(4) + WEAK)
+ONE_LIMB = r"(左|右)(边|侧)?的?" + gap(2) + LIMB + gap(6) + WEAK
+SPEECH = (r"(说话|讲话|口齿|吐字|言语|舌头)" + gap(4) + r"(不清|含糊|不利索|大舌头|发硬|不灵)|"
+          r"(说不出话|不会说话|说不了话|话都说不)")
+VISION_LOSS = r"(一只眼|一边眼|眼睛|左眼|右眼|看东西)?" + gap(3) + r"(看不见|失明|重影|什么都看不到)"
+STROKE_NAMES = r"中风|脑梗|脑卒中|卒中|脑出血|脑溢血"
+
+BLEED = "|".join((
+    r"(吐|呕|咳|咯)(了|出)?" + gap(6, "痰|刷牙|牙") + r"血(?!丝|点|迹|星|压|糖|管|常规|型|检查)",
+    r"血" + gap(8) + r"(止不住|停不下|不停地?流|一直(流|冒|往外)|往外(冒|涌|喷|流|淌)|哗哗|直流|喷|湿透|浸透)",
+    r"(流|出|淌)(了)?" + gap(4) + r"(好多|很多|大量|一大滩|一地|一盆|一大片|满地|一摊|一身)的?血",
+    r"一直(在)?(流血|出血)|(垫子|衣服|裤子|床单|毛巾|卫生巾)" + gap(4) + r"(湿透|浸透|全是血)",
+    r"大出血|大量出血|出血不止|流血不止|血流不止|血流如注|止不住血|喷血",
+    r"柏油样?便|黑便|拉" + gap(4) + r"(黑色|柏油)|便血" + gap(4) + r"(很多|不止|一直)|拉" + gap(4) + r"(好多|很多|一马桶|大量)的?血",
+    r"割" + gap(6) + r"动脉",
+))
+BREATHING = "|".join((
+    r"呼吸困难|喘不(上|过|了)来?气|上不来气|透不过气|喘不动|没法喘气|不能呼吸|窒息|大口喘气|不能平躺",
+    r"憋" + gap(4) + r"(说不出话|发紫|发青|紫了)|嘴唇" + gap(3) + r"(发紫|青紫|发青|发绀|紫了)",
+    r"(卡|噎|呛)(住|到|着)?" + gap(8) + r"(喘不|说不出|不能呼吸|没法呼吸|发紫|咳不出|上不来气|出不来|憋)",
+    r"(卡在|卡到|卡住)" + gap(4) + r"(喉咙|嗓子|气管)|喘得" + gap(4) + r"(说不出话|躺不下|不行)",
+))
+BREATH_UNLESS = r"压力|工作|学习|作业|生活|心里|憋屈"
+ALLERGEN = (r"过敏|蜂|蜇|蛰|打(了)?" + gap(4) + r"针|输液|(吃|喝)(了)?" + gap(6) +
+            r"(海鲜|花生|虾|蟹|芒果|坚果|药)|青霉素|头孢|造影")
+AIRWAY = (r"(喉咙|嗓子|喉头|气管)" + gap(4) + r"(发紧|肿|堵|紧|卡)|呼吸困难|喘不|上不来气|透不过气|"
+          r"(嘴唇|舌头|脸|眼皮|眼睛|嘴)" + gap(3) + r"(肿|大了)|舌头" + gap(3) + r"麻|血压" + gap(2) + r"(低|掉|下降)|晕倒|站不住")
+SEIZURE = (r"(?<!眼皮)(?<!眼睛)(?<!嘴角)(?<!肌肉)(?<!腿)(?<!胃)(?<!脸)抽搐|抽风|癫痫发作|羊癫疯|口吐白沫|浑身抽|四肢抽"
+           r"@@眼皮|肌肉跳|小腿|腿肚|嘴角|面肌")
+UNCONSCIOUS = "|".join((
+    r"昏迷|晕倒|昏倒|晕过去|昏过去|晕了过去|倒地不起|倒在地上|失去意识|没(有)?了?意识|意识(不清|模糊)|神志不清",
+    r"不省人事|人事不省|叫不醒|喊不醒|叫" + gap(4) + r"没(有)?反应|没(有)?反应了|晕厥|休克|呼之不应",
+    r"没(有)?了?(呼吸|心跳|脉搏)(?!困难|急促|不畅|道)|不喘气了|心跳停|心脏骤停|摸不到脉",
+))
+CHILD = r"孩子|宝宝|小孩|儿子|女儿|婴儿|新生儿|幼儿|小朋友|宝贝|娃|闺女|小儿|个(多)?月大|岁的(男孩|女孩|孩)"
+CHILD_DANGER = (SEIZE + r"|惊厥|翻白眼|口吐白沫|呼吸" + gap(4) + r"(急|快|费劲|困难)|喘" + gap(2) + r"(厉害|不上|不过)|"
+                r"鼻翼|三凹|嘴唇" + gap(3) + r"(紫|青)|叫不醒|怎么叫都|软绵绵|昏睡|哭声" + gap(2) + r"(微弱|很弱)|"
+                r"不会哭|没(有)?反应|眼神发直|前囟" + gap(3) + r"(鼓|凸)|吞" + gap(6) + r"(硬币|纽扣|珠子|钉子|别针|异物|玩具)")
+POISON = "|".join((
+    r"(喝|吃|服|误|吞|沾|溅|吸|闻|打)(了|下|入)?" + gap(6) + r"(农药|敌敌畏|百草枯|草甘膦|老鼠药|鼠药|杀虫剂|除草剂|蟑螂药)",
+    r"(农药|敌敌畏|百草枯|老鼠药|鼠药|杀虫剂)" + gap(6) + r"(中毒|喝|吃|服|吞)",
+    r"(吃|吞|服|喝)(了|下)?" + gap(6) + r"(一整瓶|整瓶|一瓶|半瓶|一大把|一把|几十|[1-9][0-9]+|十几|二十|三十|一板|整板|一盒|整盒)" +
+    gap(4) + r"(药|片|粒|颗|胶囊|安眠|安定)",
+    r"(很多|好多|大量|一堆)的?(安眠药|安定|药片|药丸|降压药|降糖药|退烧药|止痛药|胰岛素|感冒药)",
+    r"偷吃|误吃|误服|误食|误喝|误吞|当(成)?糖" + gap(2) + r"吃|(药|药片|药丸)" + gap(6) + r"被" + gap(6) + r"(吃|吞)",
+    r"(喝|吃|吞|误)(了|下)?" + gap(6) + r"(消毒液|84|洗洁精|洁厕|漂白|清洁剂|洗衣液|洗衣凝珠|硫酸|盐酸|汽油|煤油|火碱|烧碱|干燥剂|水银|甲醇|工业酒精|纽扣电池|电池|磁铁)",
+    r"(84|消毒液|漂白)" + gap(8) + r"(洁厕|混)",
+    r"一氧化碳|煤气中毒|煤气泄漏|燃气泄漏|烧炭|酒精中毒|食物中毒|(?<!铅)中毒(?!性)",
+    r"(毒|野)蘑菇|吃了" + gap(4) + r"蘑菇" + gap(8) + r"(吐|拉|晕|难受|看东西)",
+))
+HEAD_HIT = (r"(头|脑袋|后脑|额头|脑门)" + gap(8) + r"(撞|磕|摔|砸|碰|打|着地|受伤|挨)|"
+            r"(撞|磕|摔|砸|碰|打)(到|了|在|伤|破)?" + gap(6) + r"(头|脑袋|后脑|额头|脑门)|"
+            r"(摔倒|摔了一?跤|跌倒|车祸|被车撞)")
+HEAD_SIGNS = (r"(?<!喝)吐|呕|恶心|昏睡|嗜睡|迷糊|犯困|想睡|睡不醒|叫不醒|不认识人|认不出|说胡话|糊涂|反应" + gap(2) + r"(慢|迟钝)|"
+              r"记不起|想不起|不记得|意识|晕过去|昏迷|耳朵" + gap(4) + r"(出血|流血|流水)|鼻子" + gap(2) + r"流" + gap(2) + r"(清水|水)|"
+              + SEIZE + r"|瞳孔|头(痛|疼)" + gap(4) + r"(越来越|加重|厉害)|走路不稳|站不稳|一直睡")
+HIGH_PLACE = (r"(楼|楼上|楼梯|梯子|高处|树|屋顶|房顶|脚手架|阳台|窗台|窗户|楼顶|天台|山|崖|" + NUM + r"+楼|" +
+              NUM + r"+(米|层))")
+FALL = "|".join((
+    r"(从|在)" + gap(8) + HIGH_PLACE + gap(6) + r"(摔|掉|跌|坠|滚|栽)",
+    r"坠落|坠楼|高空坠|(摔|掉|跌|坠)下来?" + gap(4) + NUM + r"+(米|层|楼)",
+))
+BURN = "|".join((
+    r"(烧伤|烫伤|烧着|着火|火烧|开水|热水|热油|滚油|油锅|蒸汽|火焰|爆炸|硫酸|强酸|强碱|石灰|烫)" + gap(12) +
+    r"(大面积|一大片|一大块|半个|整个|整条|整只|全身|满身|胸口|后背|脸上|面部|肚子|大腿|好几处|" +
+    r"起了(好多|很多|一片|大)|皮都(掉|脱|烂|没)|发黑|发白|焦|烧焦)",
+    r"(大面积|全身|整条|半身|一大片)" + gap(6) + r"(烧伤|烫伤|烫|烧)",
+    r"(脸|面部|头面部|眼睛|会阴|胸口|后背|大腿|手臂|全身|半身)(上|部)?" + gap(3) + r"(烧伤|烧焦|烧烂|炸伤|烫烂)",
+    r"(硫酸|盐酸|强酸|强碱|火碱|烧碱|生石灰|化学品)" + gap(6) + r"(溅|泼|洒|进|烧|弄到)",
+    r"触电|被电(打|击|到)|电击|雷劈|被雷|(火灾|着火|失火)" + gap(8) + r"(吸|呛|烟)",
+))
+HEAT = r"中暑|高温|太阳底下|暴晒|工地|桑拿|闷热|大热天|烈日|晒了|热得|车里|天太热|热射"
+HEAT_DANGER = (r"昏|晕倒|叫不醒|神志|意识|说胡话|胡言乱语|" + SEIZE + r"|不出汗|皮肤" + gap(3) + r"(烫|干)|"
+               r"(体温|烧到|烧)" + gap(4) + r"(4[0-2]|四十)|糊涂|迷糊|没反应|倒下")
+CO_SOURCE = r"烤火|炭盆|炭火|煤炉|炉子|热水器|烧煤|蜂窝煤|门窗紧闭|火锅.{0,4}炭"
+CO_SIGNS = r"头晕|头疼|头痛|恶心|想吐|(?<!喝)吐|晕倒|没力气|迷糊|昏|叫不醒|嘴唇" + gap(2) + r"(红|樱桃)"
+ANIMAL_BITE = r"(狗|猫|猴|狼|熊|野猪|马|驴|牛|动物|藏獒)" + gap(6) + r"咬"
+DEEP_BITE = (r"很深|好深|深可见|肉都|撕|一大块|血" + gap(4) + r"(流|止|一直|冒)|好多血|很多血|骨头|见骨|翻出|多处|好几口|好几处|"
+             r"咬" + gap(4) + r"(脸|脖子|头)")
+BITE = "|".join((
+    r"蛇" + gap(6) + r"(咬|伤)|被" + gap(4) + r"蛇|毒蛇",
+    r"(一群|好多|很多|一窝)?(马蜂|黄蜂|胡蜂|蜂)" + gap(6) + r"(蜇|蛰|叮)" + gap(8) + r"(几十|很多|好多|十几|满身|全身|好几十)",
+))
+PREGNANT = (r"怀孕|孕(早期|中期|晚期|期|妇|" + NUM + r"+周|" + NUM + r"+个月)|停经|妊娠|怀了|身孕|胎动|预产期|"
+            r"怀着|快生了|待产|" + NUM + r"+周的?(孕|身孕)")
+PREG_DANGER = "|".join((
+    r"(出血|流血|见红|阴道" + gap(4) + r"血)" + gap(6) + r"(很多|好多|不止|大量|湿透|一大片|止不住|像来月经一样)|大量出血|大出血",
+    r"(肚子|腹|小腹|下腹)(部)?" + gap(6) + r"(" + SEVERE + r"|绞痛|一阵比一阵)|剧烈的?(腹痛|肚子疼|肚子痛)",
+    r"(一侧|一边|左边|右边|左下|右下|左侧|右侧)" + gap(4) + r"(肚子|腹|小腹|下腹)" + gap(6) + r"(疼|痛)",
+    r"眼花|看不清|视物模糊|看东西模糊|眼前发黑|冒金星|重影|抽搐|晕倒|昏倒",
+    r"(感觉不到|摸不到|没有了?)胎动|羊水破|破水|胎动" + gap(4) + r"(消失|没了|感觉不到|明显减少|不动了)|宫外孕|血压" + gap(4) + r"(很高|1[6-9][0-9]|2[0-9][0-9])",
+))
+HEADACHE = r"头(痛|疼)|头" + gap(3) + r"(痛|疼)"
+HEADACHE_SEVERE = (r"头" + gap(6) + r"(剧烈|剧痛|炸|裂|爆|要命|受不了|从来没有|从没这么|这辈子最|最厉害|最严重|最痛|最疼|"
+                   r"像被" + gap(3) + r"(锤|打|砸|劈)|撕裂|疼死|痛死|欲裂)|剧烈的?头(痛|疼)|最(严重|厉害|痛|疼)的(一次)?头(痛|疼)")
+HEADACHE_WORST = (r"头" + gap(6) + r"(像被" + gap(3) + r"(锤|砸|打|劈|雷)|这辈子最|从来没有这么|从没这么|最厉害的一次|"
+                  r"最严重的一次)|(?<!一)生中最" + gap(4) + r"头(痛|疼)")
+HEADACHE_UNLESS = r"偏头痛|老毛病|又犯了|经常|感冒|熬夜"
+HEAD_ACCOMP = (r"(?<!喝)吐|呕|脖子" + gap(4) + r"(硬|僵|发紧|转不动|不能动|低不下|弯不下)|颈" + gap(2) + r"(硬|强直)|"
+               r"意识|迷糊|" + SEIZE + r"|看不清|说话不清")
+STIFF_NECK = r"脖子" + gap(4) + r"(发硬|硬|僵硬|强直|低不下|弯不下|不能低头)|颈" + gap(2) + r"强直"
+NECK_UNLESS = r"落枕|颈椎|睡姿|枕头|电脑|手机|低头|久坐"
+ABDOMEN = r"(肚子|腹部|腹|肚皮|小腹|上腹|下腹)"
+RIGID = (ABDOMEN + gap(6) + r"(硬得|硬邦邦|板一样|像木板|像石头|绷得|发硬|变硬|硬了|很硬)|板状腹|腹肌紧张|" +
+         ABDOMEN + gap(8) + r"(碰都不能碰|一碰就|按一下|不敢碰|不让碰|一按就)" + gap(4) + r"(疼|痛|叫)|" +
+         ABDOMEN + gap(6) + r"(疼|痛)得?" + gap(6) + r"(打滚|直不起腰|满头大汗|出冷汗|冒冷汗|受不了|要命|死去活来)")
+ABDOMEN_UNLESS = r"痛经|月经|例假|大姨妈|孕|怀|宫缩|胎|吃多|胀气"
+LOW_SUGAR = r"低血糖|血糖" + gap(4) + r"(低|掉|测不出|[0-2]\.[0-9])|糖尿病|胰岛素|降糖药"
+REDUCED = (r"叫不醒|喊不醒|昏迷|意识|神志|迷糊|糊涂|说胡话|胡言乱语|答非所问|反应" + gap(2) + r"(慢|迟钝)|不认人|认不出|"
+           + SEIZE + r"|晕倒|昏倒|晕过去|没反应|呼之不应|嗜睡|昏睡|喂不进|咽不下")
+NO_URINE = (r"(一天|一整天|大半天|" + NUM + r"+个?小时|一晚上|整晚|好久|半天|从早上|昨天|一上午)" + gap(6) +
+            r"(没|没有|不)(有)?(尿|小便|撒尿|尿尿|排尿)|尿(量)?" + gap(3) + r"(很少|特别少|几乎没有|没了|都没有)|"
+            r"没(有)?(尿|小便)了?|尿不湿" + gap(6) + r"(干|没湿)|尿布" + gap(4) + r"干")
+FLUID_LOSS = r"(?<!喝)吐|呕|拉|腹泻|泻|喝不进|不吃不喝|喝水" + gap(2) + r"吐|脱水"
+DRY_SIGNS = (r"眼窝" + gap(3) + r"(凹|陷)|前囟" + gap(3) + r"(凹|陷)|哭" + gap(3) + r"没(有)?眼泪|皮肤" + gap(4) + r"(回弹|弹不回|皱)|"
+             r"叫不醒|没反应|昏睡|精神" + gap(4) + r"(萎靡|很差|极差)|软绵绵")
+SELF_HARM = "|".join((
+    r"(?<!累得)(?<!热得)(?<!饿得)(?<!困得)(?<!烦得)(?<!笑得)(?<!疼得)(?<!痒得)(?<!累的)(?<!疼的)想死(?!你|我|他|她|了你|人)",
+    r"不想活|活不下去|活着(没|没有)?(什么)?(意思|意义)|活够了|自杀|轻生|寻死|结束(自己的?)?(生命|一切|这一切)|了结(自己|一切)",
+    r"自残|自伤|割腕|割(自己|手腕|手臂)|伤害自己|跳楼(?!价|大甩卖)|跳河|跳江|跳海|跳桥|卧轨|上吊",
+    r"(从|往)" + gap(8) + r"(楼|桥|天台|阳台|窗|顶楼|楼顶)" + gap(6) + r"跳|(楼|桥|天台|阳台|窗户|楼顶)" + gap(4) + r"跳下去",
+    r"遗书|遗言|绝笔|写好了" + gap(6) + r"(信|遗)|交代" + gap(3) + r"后事|(告别|永别)" + gap(6) + r"(家人|大家|所有人|世界)|"
+    r"(家人|大家|所有人|世界|朋友|爸妈)" + gap(4) + r"(告别|永别|道别|说再见|说了再见)",
+    r"(攒|存|囤)(了|够)?" + gap(6) + r"(安眠药|药)|一了百了|离开这个世界|没有我" + gap(6) + r"更好|不想(再)?醒来|再也不(用)?醒",
+    r"(?<!你)去死|死了算了|死了就好|不如死了|想不开|想(要)?(彻底)?解脱(?!出来)",
+))
+SELF_HARM_UNLESS = r"新闻|电视|电影|小说|剧里|报道|书里|游戏里"
+INFANT_MONTHS = r"(?<![0-9十])[1-3一二两三]个(多)?月"
+INFANT = (rf"新生儿|满月|{INFANT_MONTHS}大|{INFANT_MONTHS}的(宝宝|孩子|婴儿|小孩|女儿|儿子)|"
+          rf"(宝宝|孩子|婴儿|女儿|儿子)(才|刚|刚刚)?(出生)?{INFANT_MONTHS}|(出生|生下来)" + gap(2) + NUM + r"+天")
+FEVER = r"发烧|发热|高烧|高热|体温" + gap(2) + r"(3[89]|4[0-2])"
+
+# A finding may carry words that cancel it within its clause: "finding@@unless".
+U = "@@"
 
 RULES: tuple[RedFlag, ...] = (
-    RedFlag(
-        "chest_pain",
-        "胸痛伴出汗、气短或放射到左臂/下巴，可能是心肌梗死等危急情况。" + CALL_120 + "请保持安静休息，不要自己开车。",
-        ((CHEST_PAIN, SWEAT_BREATH_RADIATING),),
-        supersedes=("breathing_difficulty",),
-    ),
-    RedFlag(
-        "stroke",
-        "口角歪斜、一侧肢体无力或言语不清可能是脑卒中（中风），越早治疗越好。" + CALL_120 + "请记下症状开始的时间。",
-        ((STROKE_SIGNS,),),
-    ),
-    RedFlag(
-        "severe_bleeding",
-        "大量或止不住的出血很危险。请用干净的布用力按压出血处，" + CALL_120,
-        ((SEVERE_BLEEDING,),),
-    ),
-    RedFlag(
-        "self_harm",
-        "你的安全最重要。如果你有伤害自己或结束生命的想法，请立即拨打120或110，或去最近医院的急诊；"
-        "也可以拨打心理援助热线12356，并告诉身边信任的人，不要独自一人。",
-        ((SELF_HARM,),),
-    ),
-    RedFlag(
-        "child_emergency",
-        "孩子抽搐、呼吸困难或叫不醒需要马上救治。请立即拨打120，或马上去最近医院的儿科急诊；"
-        "抽搐时让孩子侧躺，不要往嘴里塞任何东西。",
-        ((CHILD, CHILD_EMERGENCY),),
-        supersedes=("breathing_difficulty", "unconsciousness"),
-    ),
-    RedFlag(
-        "anaphylaxis",
-        "过敏后喉咙发紧、呼吸困难或面部嘴唇肿胀，可能是严重过敏反应（过敏性休克）。"
-        + CALL_120 + "如随身带有肾上腺素笔，请马上使用。",
-        (("过敏性休克",), (ALLERGEN, AIRWAY_SWELLING)),
-        supersedes=("breathing_difficulty", "unconsciousness"),
-    ),
-    RedFlag(
-        "breathing_difficulty",
-        "严重的呼吸困难可能危及生命。" + CALL_120,
-        ((BREATHING,),),
-    ),
-    RedFlag(
-        "unconsciousness",
-        "晕倒、失去意识或叫不醒是急症。请立即拨打120；让患者侧躺保持呼吸道通畅，没有呼吸时开始心肺复苏。",
-        ((UNCONSCIOUS,),),
-    ),
-    RedFlag(
-        "sudden_severe_headache",
-        "突然发生的剧烈头痛可能是脑出血等急症。" + CALL_120,
-        ((SUDDEN, WORST_HEADACHE),),
-    ),
-    RedFlag(
-        "poisoning",
-        "误服药物或毒物需要尽快救治。" + CALL_120 + "请带上药瓶或包装，不要自行催吐。",
-        ((POISON,),),
-    ),
-    RedFlag(
-        "pregnancy_emergency",
-        "怀孕期间大量出血、剧烈腹痛或晕倒，可能是宫外孕、流产等急症。" + CALL_120,
-        ((PREGNANT, PREGNANCY_DANGER),),
-        supersedes=("unconsciousness",),
-    ),
-    RedFlag(
-        "infant_fever",
-        "三个月以下的婴儿发烧需要尽快由医生检查。请马上去最近医院的儿科急诊；如精神差、吃奶差请拨打120。",
-        ((INFANT, FEVER),),
-    ),
+    RedFlag("chest_pain", "胸痛伴出汗、气短、放射到左臂/后背/下巴，或胸口像被重物压住、撕裂样疼，可能是心肌梗死或主动脉夹层。" + CALL_120,
+            ((CHEST_PAIN, ACS_SIGNS), (CHEST_SEVERE,), (CHEST_PAIN, PAIN_SEVERE), (TEARING,), (HEART_ATTACK,)),
+            supersedes=("breathing_difficulty",),
+            action="立即停止活动、坐下或半躺休息，不要自己开车去医院；有医生开过的硝酸甘油可按医嘱含服。"),
+    RedFlag("stroke", "口角歪斜、一侧肢体无力或麻木、说话不清、突然看不见，可能是脑卒中（中风），越早治疗越好。" + CALL_120,
+            ((FACE,), (ONE_SIDE,), (ONE_LIMB, SUDDEN), (SPEECH,), (SUDDEN, VISION_LOSS), (STROKE_NAMES,)),
+            action="记下症状开始的时间，让患者躺下、头偏向一侧，不要喂水喂药。"),
+    RedFlag("severe_bleeding", "大量或止不住的出血、吐血、咯血或黑便可能危及生命。" + CALL_120,
+            ((BLEED,),),
+            action="用干净的布或纱布用力按压出血处不要松开；吐血时侧躺防止呛咳，不要进食。"),
+    RedFlag("self_harm", "你的安全最重要。如果你有伤害自己或结束生命的想法或计划，请立即拨打120或110，或去最近医院的急诊；"
+            "也可以拨打全国心理援助热线12356。",
+            ((SELF_HARM + U + SELF_HARM_UNLESS,),),
+            action="现在就告诉身边信任的人，不要独自一人，把药物、刀具等危险物品移开；拨打12356心理援助热线或120。"),
+    RedFlag("child_emergency", "孩子抽搐、呼吸急促费力、嘴唇发紫、叫不醒或吞了异物需要马上救治。请立即拨打120，或马上去最近医院的儿科急诊。",
+            ((CHILD, CHILD_DANGER),),
+            supersedes=("breathing_difficulty", "unconsciousness"),
+            action="抽搐时让孩子侧躺，不要往嘴里塞任何东西、不要掐人中，记下抽搐持续的时间。"),
+    RedFlag("anaphylaxis", "过敏后喉咙发紧、呼吸困难、嘴唇或面部肿胀、头晕站不住，可能是严重过敏反应（过敏性休克）。" + CALL_120,
+            (("过敏性休克",), (ALLERGEN, AIRWAY)),
+            supersedes=("breathing_difficulty", "unconsciousness"),
+            action="远离过敏原，随身有肾上腺素笔立即使用；让患者平躺抬高双腿，呼吸困难时可坐起。"),
+    RedFlag("breathing_difficulty", "严重的呼吸困难或被异物噎住可能危及生命。" + CALL_120,
+            ((BREATHING + U + BREATH_UNLESS,),),
+            action="让患者坐起、松开衣领；被异物噎住不能说话时立即用海姆立克法（腹部冲击）。"),
+    RedFlag("unconsciousness", "晕倒、失去意识、叫不醒、抽搐或没有呼吸是急症。请立即拨打120。",
+            ((UNCONSCIOUS,), (SEIZURE,)),
+            action="让患者侧躺保持呼吸道通畅，不要喂水；没有呼吸或心跳时立即开始心肺复苏。"),
+    RedFlag("sudden_severe_headache", "突然发生的剧烈头痛（一生中最严重的头痛）伴呕吐或脖子发硬，可能是脑出血或脑膜炎等急症。" + CALL_120,
+            ((HEADACHE_WORST + U + HEADACHE_UNLESS,), (HEADACHE_SEVERE + U + HEADACHE_UNLESS, SUDDEN), (HEADACHE_SEVERE + U + HEADACHE_UNLESS, HEAD_ACCOMP),
+             (HEADACHE, STIFF_NECK + U + NECK_UNLESS)),
+            action="让患者安静躺下，不要自行服用止痛药掩盖症状，记下头痛开始的时间。"),
+    RedFlag("poisoning", "误服或过量服用药物、喝了农药或清洁剂、一氧化碳（烧炭、煤气）中毒需要尽快救治。" + CALL_120,
+            ((POISON,), (CO_SOURCE, CO_SIGNS)),
+            action="带上药瓶、农药瓶或包装；不要自行催吐；一氧化碳中毒先打开门窗、把人移到空气新鲜处。"),
+    RedFlag("head_injury", "头部受到撞击或摔伤后呕吐、嗜睡、意识模糊或耳鼻流液，可能是颅内出血。" + CALL_120,
+            ((HEAD_HIT, HEAD_SIGNS),),
+            supersedes=("unconsciousness",),
+            action="让患者平躺少动，不要摇晃头部；怀疑颈部受伤时不要搬动，呕吐时整体侧翻。"),
+    RedFlag("fall_from_height", "从高处坠落可能有内脏出血、脊柱骨折等看不见的重伤。" + CALL_120,
+            ((FALL,),),
+            action="不要随意搬动伤者，尤其是头颈和腰背，按压止住外出血，等待急救人员。"),
+    RedFlag("burns", "大面积或面部、深度烧烫伤、化学烧伤和触电都需要急救。" + CALL_120,
+            ((BURN,),),
+            action="触电先切断电源再接触；烧烫伤用流动的凉水冲至少20分钟，不要涂牙膏酱油，不要挑破水泡。"),
+    RedFlag("heat_stroke", "高温下出现意识不清、抽搐、高热不出汗，可能是热射病（重症中暑），死亡率很高。" + CALL_120,
+            (("热射病",), (HEAT, HEAT_DANGER)),
+            supersedes=("unconsciousness",),
+            action="立即移到阴凉处，脱去多余衣物，用凉水擦身、扇风降温；神志不清时不要喂水。"),
+    RedFlag("bite", "被蛇咬伤、被动物咬出深伤口或被成群蜂蜇，需要尽快急诊处理（抗蛇毒血清、清创、狂犬病处置）。" + CALL_120,
+            ((BITE + U + r"梦|属蛇|蛇年",), (ANIMAL_BITE, DEEP_BITE), (r"咬", r"蛇" + U + r"梦|属蛇|蛇年|蛇皮|蛇果")),
+            action="保持安静、咬伤的肢体放低少动，摘下戒指手表；不要用嘴吸、不要切开伤口；动物咬伤用肥皂水和流水冲洗15分钟。"),
+    RedFlag("pregnancy_emergency", "怀孕期间大量出血、剧烈或一侧腹痛、头痛眼花、抽搐、破水或胎动消失，可能是宫外孕、胎盘早剥、子痫等急症。" + CALL_120,
+            ((PREGNANT, PREG_DANGER),),
+            supersedes=("unconsciousness",),
+            action="立即左侧卧休息，不要进食，带上孕检资料去有产科的医院。"),
+    RedFlag("acute_abdomen", "肚子硬得像木板、一碰就剧痛或疼得打滚，可能是腹膜炎、消化道穿孔等急腹症。" + CALL_120,
+            ((RIGID + U + ABDOMEN_UNLESS,),),
+            action="不要吃喝，不要自行服用止痛药，保持能让疼痛减轻的体位。"),
+    RedFlag("hypoglycaemia", "糖尿病患者或低血糖时意识模糊、说胡话、抽搐或叫不醒，是严重低血糖。" + CALL_120,
+            ((LOW_SUGAR, REDUCED),),
+            supersedes=("unconsciousness",),
+            action="能吞咽时立即喂糖水或含糖饮料；叫不醒或不能吞咽时不要喂，让患者侧躺。"),
+    RedFlag("severe_dehydration", "上吐下泻后长时间没有尿、精神萎靡或叫不醒、眼窝凹陷，是严重脱水。" + CALL_120,
+            ((NO_URINE, FLUID_LOSS), (FLUID_LOSS, DRY_SIGNS)),
+            action="能喝就少量多次喂口服补液盐，叫不醒时不要喂水，尽快去医院输液。"),
+    RedFlag("infant_fever", "三个月以下的婴儿发烧需要尽快由医生检查。请马上去最近医院的儿科急诊；如精神差、吃奶差请拨打120。",
+            ((INFANT, FEVER),),
+            action="不要捂热，减少衣物，不要自行给退烧药，记录体温后马上就医。"),
 )
 
-# --- negation ---------------------------------------------------------------------------------
-# A phrase is negated when its clause, up to the phrase, is a negator, optional filler words and
+# --- negation, past and general questions -----------------------------------------------------
+# A finding is negated when its clause, up to the finding, is a negator, optional filler words and
 # optionally a list of other negated items: "没有胸痛、气短和出汗", "也没有明显的呼吸困难", "不胸痛".
-# Contrast words end a negation's reach too ("没有咳嗽但是胸痛"); not 不过, which is inside 喘不过气.
-CLAUSE_SEPARATORS = re.compile(r"[,，.。!！?？;；:：\n]|但是|但|可是|然而")
-NEGATORS = r"(没有|没|无|不是|不|未|否认|并无|从未|从没|从来没有?)"
-NEGATION_FILLERS = r"(明显的?|任何|什么|出现过?|感到|感觉|觉得|发生过?|想过|想要|打算|要|过|有|再|太)*"
-NEGATION_LIST = r"([^、和或及]{1,8}(、|和|或者|或|及|以及|也没有|也没|也无))*"
+# Contrast words end a negation's reach too ("没有胸痛，但是喘不上气"); not 不过, which is in 喘不过气.
+CLAUSE_SEPARATORS = re.compile(r"[,，。!！?？;；:：\n]|(?<![0-9])\.|\.(?![0-9])|但是|可是|然而|不过(?!气)")
+SENTENCE_END = re.compile(r"[。!！?？\n]")
+NEGATORS = r"(没有|没|无|不是|不|未|否认|并无|从未|从没|从来没有?|差点|差一点|险些|别)"
+NEGATION_FILLERS = r"(明显的?|任何|什么|出现过?|感到|感觉|觉得|发生过?|想过|想要|打算|要|过|有|再|太|怎么|一直|也)*"
+NEGATION_LIST = r"([^、和或及]{1,8}(和|或者|或|及|以及|也没有|也没|也无))*"
 NEGATED_BEFORE = re.compile(NEGATORS + NEGATION_FILLERS + NEGATION_LIST + r"$")
-NEGATED_AFTER = re.compile(r"^(不明显|没有了|已经(好了|消失|缓解)|消失了|好了)")
-MAX_NEGATION_PREFIX = 24  # characters of a clause examined before a phrase
+PAST_BEFORE = re.compile(r"(以前|曾经|得过|患过|去年|前年|小时候|年前|那年|多年前|年轻时)" + gap(8) + "$")
+NEGATED_AFTER = re.compile(r"^(不明显|没有了|已经(好了|消失|缓解|没事)|消失了|好了|的?病史|史)")
+PAST_START = re.compile(r"以前|之前|曾经|去年|前年|小时候|年前|上次|那次|那年")
+RESOLVED = re.compile(r"(现在|目前|已经|早就|后来)(基本|完全|都|也|差不多|已经|彻底|全)*(好了|没事|恢复|正常|痊愈|不疼|不痛|好多了|治好)")
+GENERAL_QUESTION = re.compile(
+    r"预防|防止|防范|避免|科普|有什么症状|有哪些症状|什么症状|哪些表现|什么表现|前兆|是什么病|遗传|平时要?注意|要注意什么|"
+    r"需要注意|注意事项|急救知识|学习急救|的原因是什么|怎么判断|如何判断|会不会得|风险大吗|风险高吗")
+MAX_NEGATION_PREFIX = 24  # characters of a clause examined before a finding
 
 
 @lru_cache(maxsize=None)
-def _compiled(pattern: str) -> re.Pattern[str]:
-    return re.compile(pattern)
+def _finding(pattern: str) -> tuple[re.Pattern[str], re.Pattern[str] | None]:
+    body, _, unless = pattern.partition(U)
+    return re.compile(body), (re.compile(unless) if unless else None)
 
 
 def _clauses(text: str) -> list[str]:
-    """NFKC, whitespace removed, split into clauses so negation never reaches across a comma."""
+    """NFKC, spaces removed, general-knowledge sentences and resolved past episodes dropped, split."""
     flat = unicodedata.normalize("NFKC", text)
-    flat = "".join(ch if not ch.isspace() else ("\n" if ch == "\n" else "") for ch in flat)
-    return [c for c in CLAUSE_SEPARATORS.split(flat) if c]
+    flat = "".join(ch for ch in flat if ch == "\n" or not ch.isspace())
+    sentences = [s for s in SENTENCE_END.split(flat) if s and not GENERAL_QUESTION.search(s)]
+    clauses = [c for s in sentences for c in CLAUSE_SEPARATORS.split(s) if c]
+    return _drop_resolved_past(clauses)
 
 
-def _affirmed(pattern: str, clauses: list[str]) -> bool:
-    """Whether ``pattern`` occurs in some clause without a negation in front of or right after it."""
+def _drop_resolved_past(clauses: list[str]) -> list[str]:
+    """"以前胸口疼出汗，后来治好了": the clauses from the past marker to the resolution are history."""
+    kept, start = [], None
     for clause in clauses:
-        for match in _compiled(pattern).finditer(clause):
+        if start is None and PAST_START.search(clause):
+            start = len(kept)
+        kept.append(clause)
+        if RESOLVED.search(clause):
+            del kept[start if start is not None else len(kept) - 1:]
+            start = None
+    return kept
+
+
+def _affirmed(regex: re.Pattern[str], unless: re.Pattern[str] | None, clauses: Sequence[str]) -> bool:
+    """Whether the finding occurs in some clause, not negated, not past, not cancelled by its message."""
+    if unless is not None and any(unless.search(c) for c in clauses):
+        return False
+    for clause in clauses:
+        for match in regex.finditer(clause):
             before = clause[max(0, match.start() - MAX_NEGATION_PREFIX):match.start()]
             after = clause[match.end():]
-            if not NEGATED_BEFORE.search(before) and not NEGATED_AFTER.match(after):
+            if not (NEGATED_BEFORE.search(before) or PAST_BEFORE.search(before) or NEGATED_AFTER.match(after)):
                 return True
     return False
 
 
-def red_flags(text: str, earlier: Sequence[str] = ()) -> list[RedFlag]:
-    """The emergency rules ``text`` triggers, in ``RULES`` order, without superseded ones."""
-    if not isinstance(text, str):
-        raise TypeError(f"red_flags expects the patient's message as a string, got {type(text).__name__}")
+FINDINGS = tuple(dict.fromkeys(p for rule in RULES for group in rule.when for p in group))
+
+
+@lru_cache(maxsize=128)
+def _findings(text: str) -> frozenset[str]:
+    """The findings one message affirms (cached: a dialogue's earlier messages are read again)."""
     clauses = _clauses(text)
-    fired = [rule for rule in RULES
-             if any(all(_affirmed(p, clauses) for p in group) for group in rule.when)]
+    return frozenset(p for p in FINDINGS if _affirmed(*_finding(p), clauses))
+
+
+def _fired(found: frozenset[str]) -> list[RedFlag]:
+    return [rule for rule in RULES if any(all(p in found for p in group) for group in rule.when)]
+
+
+def red_flags(text: str, earlier: Sequence[str] = ()) -> list[RedFlag]:
+    """The emergencies ``text`` reveals, alone or completed by the patient's ``earlier`` messages.
+
+    ``earlier``: the patient's previous messages, oldest first; the last ``WINDOW - 1`` are read.
+    Returns the flags in ``RULES`` order, without those a broader flag supersedes.
+    """
+    if not isinstance(text, str) or isinstance(earlier, str):
+        raise TypeError(f"red_flags expects the patient's message as a string and earlier messages as a "
+                        f"sequence of strings, got {type(text).__name__} and {type(earlier).__name__}")
+    earlier = [m for m in earlier if isinstance(m, str)]
+    own = _findings(text)
+    fired = _fired(own)
+    recent = earlier[len(earlier) - (WINDOW - 1):] if WINDOW > 1 and earlier else []
+    if recent:
+        before = [_findings(m) for m in recent]
+        joined = _fired(own.union(*before))
+        previous = {r.name for r in _fired(frozenset().union(*before, *[_findings(m) for m in earlier[-WINDOW:-(WINDOW - 1)]]))}
+        fired = [r for r in RULES if r in fired or (r in joined and r.name not in previous)]
     redundant = {name for rule in fired for name in rule.supersedes}
     return [rule for rule in fired if rule.name not in redundant]
+
+
+def bench(repeats: int = 200) -> dict[str, float]:
+    """Milliseconds per message over a fixed mix of short and long messages, alone and with context.
+
+    The per-message cache is cleared before every call: the figures are for messages never seen."""
+    texts = ["我头疼三天了，一阵一阵的，晚上睡不好。", "突然胸痛，出了一身冷汗，喘不上气。",
+             "孩子发烧38度5，精神还可以，吃饭少。" * 4, "没有胸痛，也没有呼吸困难，就是有点咳嗽。" * 10]
+    earlier = ["我最近胃不太舒服。", "吃了饭以后更明显，有时候反酸。"]
+    out = {}
+    for label, ctx in (("alone", ()), ("with_2_earlier", earlier)):
+        red_flags(texts[0], ctx)
+        start = time.perf_counter()
+        for _ in range(repeats):
+            for t in texts:
+                _findings.cache_clear()
+                red_flags(t, ctx)
+        out[label] = (time.perf_counter() - start) * 1000 / (repeats * len(texts))
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv != ["--bench"]:
+        print("usage: python -m bianque.safety --bench", file=sys.stderr)
+        return 2
+    import platform
+
+    for label, ms in bench().items():
+        print(f"red_flags {label}: {ms:.3f} ms per message ({platform.processor() or platform.machine()}, 1 thread)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

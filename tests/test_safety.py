@@ -5,7 +5,9 @@ import re
 
 import pytest
 
-from bianque.safety import RULES, RedFlag, red_flags
+from pathlib import Path
+
+from bianque.safety import RULES, WINDOW, RedFlag, flag_dict, red_flags
 
 # (patient message, names of the flags it must raise — exactly these, in RULES order)
 POSITIVE = [
@@ -49,6 +51,31 @@ POSITIVE = [
     ("怀孕六周，突然剧烈腹痛", ["pregnancy_emergency"]),
     ("停经两个月，现在阴道大量出血", ["severe_bleeding", "pregnancy_emergency"]),
     ("两个月大的宝宝发烧38.5度", ["infant_fever"]),
+    ("吐了好多血", ["severe_bleeding"]),
+    ("血一直往外冒止不住", ["severe_bleeding"]),
+    ("咳出一大口鲜血", ["severe_bleeding"]),
+    ("心口压着疼，后背也疼", ["chest_pain"]),
+    ("胸口像压了块大石头", ["chest_pain"]),
+    ("撕裂一样疼，疼到后背", ["chest_pain"]),
+    ("没有胸痛，但是喘不上气", ["breathing_difficulty"]),
+    ("今晚想从楼上跳下去", ["self_harm"]),
+    ("抽屉里攒了一瓶安眠药", ["self_harm"]),
+    ("两岁的孩子偷吃了一板降压药", ["poisoning"]),
+    ("屋里烧炭取暖，一家人都头晕", ["poisoning"]),
+    ("不小心喝了洁厕灵", ["poisoning"]),
+    ("头撞到墙上以后吐了两次，老想睡觉", ["head_injury"]),
+    ("我爸从三楼摔下来了", ["fall_from_height"]),
+    ("被开水烫了一大片，后背全是泡", ["burns"]),
+    ("在工地中暑了，人已经神志不清", ["heat_stroke"]),
+    ("被毒蛇咬了一口", ["bite"]),
+    ("怀孕七周，右边小腹突然剧痛", ["pregnancy_emergency"]),
+    ("孕34周，头疼，看东西模糊，脚肿", ["pregnancy_emergency"]),
+    ("突然剧烈头痛，吐了，脖子发硬", ["sudden_severe_headache"]),
+    ("肚子硬得像木板，碰都不能碰", ["acute_abdomen"]),
+    ("打了胰岛素没吃饭，现在说胡话", ["hypoglycaemia"]),
+    ("孩子上吐下泻，一天没尿了", ["severe_dehydration"]),
+    ("以前胸口疼过，现在好了，但是今天喘不上气", ["breathing_difficulty"]),
+    ("我爸可能心梗了", ["chest_pain"]),
     ("宝宝才一个月，今天体温38度", ["infant_fever"]),
     ("胸痛出汗，而且一侧肢体无力", ["chest_pain", "stroke"]),
 ]
@@ -83,6 +110,12 @@ NEGATIVE = [
     "血压有点高，平时吃药控制",
     "我爸以前中风过，现在恢复得不错",
     "饿死了，能吃点什么",
+    "以前胸口疼出冷汗，后来治好了",
+    "怎么预防中风",
+    "累得想死",
+    "商场跳楼价",
+    "头疼，没有吐，脖子也不硬",
+    "蔬菜上的农药残留怎么洗",
     "",
 ]
 
@@ -137,6 +170,82 @@ def test_huge_message_is_fine():
     assert names(red_flags(text)) == ["chest_pain"]
 
 
+# --- dialogue level -------------------------------------------------------------------------------
+def test_a_split_emergency_is_flagged_under_the_message_that_completes_it():
+    assert red_flags("胸口疼") == []
+    assert names(red_flags("还出了好多冷汗", ["胸口疼"])) == ["chest_pain"]
+    # once shown, the next message does not repeat it unless it says it again itself
+    assert red_flags("出汗", ["胸口疼", "还出了好多冷汗"]) == []
+    assert names(red_flags("胸口还是疼，冷汗一直出", ["胸口疼", "还出了好多冷汗"])) == ["chest_pain"]
+
+
+def test_the_window_is_the_current_message_and_the_two_before():
+    assert WINDOW == 3
+    assert names(red_flags("还出了好多冷汗", ["胸口疼", "昨天睡得不好"])) == ["chest_pain"]
+    assert red_flags("还出了好多冷汗", ["胸口疼", "昨天睡得不好", "今天吃了粥"]) == []
+
+
+def test_earlier_negations_stay_negated():
+    assert red_flags("出了好多汗", ["没有胸痛"]) == []
+
+
+def test_flag_dict_is_json_ready():
+    import json
+
+    flag = red_flags("突然胸痛，出冷汗")[0]
+    d = flag_dict(flag)
+    assert set(d) == {"name", "message", "action"}
+    assert d["name"] == "chest_pain" and d["message"] == flag.message and d["action"] == flag.action
+    assert json.loads(json.dumps(d, ensure_ascii=False)) == d
+
+
+def test_every_category_has_a_one_line_action_and_self_harm_names_the_hotline():
+    for rule in RULES:
+        assert rule.action and "\n" not in rule.action and rule.action.endswith("。"), rule.name
+        assert rule.name.isascii() and rule.name.replace("_", "").isalpha(), rule.name
+    self_harm = next(r for r in RULES if r.name == "self_harm")
+    assert "12356" in self_harm.message and "120" in self_harm.message and "12356" in self_harm.action
+
+
+# --- labelled development set (tests/data/safety_dev.tsv) -----------------------------------------
+DEV = [tuple(line.split("\t")) for line in
+       (Path(__file__).parent / "data" / "safety_dev.tsv").read_text(encoding="utf-8").splitlines()
+       if line.strip() and not line.startswith("#")]
+
+
+def _dev_flags(text: str) -> list[str]:
+    messages = text.split(" || ")
+    return names(red_flags(messages[-1], messages[:-1]))
+
+
+@pytest.mark.parametrize(("label", "text"), [row for row in DEV if row[0] != "none"])
+def test_dev_set_emergency(label, text):
+    assert label in _dev_flags(text)
+
+
+@pytest.mark.parametrize("text", [text for label, text in DEV if label == "none"])
+def test_dev_set_non_emergency(text):
+    assert _dev_flags(text) == []
+
+
+def test_dev_set_split_emergencies_fire_on_the_last_message_only():
+    splits = [(label, text.split(" || ")) for label, text in DEV if " || " in text and label != "none"]
+    assert len(splits) >= 15
+    for label, messages in splits:
+        for i in range(len(messages) - 1):
+            assert red_flags(messages[i], messages[:i]) == [], messages
+
+
+def test_dev_set_size_and_coverage():
+    negatives = [text for label, text in DEV if label == "none"]
+    assert len(DEV) >= 300 and len(negatives) >= 150
+    counts = {rule.name: sum(label == rule.name for label, _ in DEV) for rule in RULES}
+    assert all(n >= 4 for n in counts.values()), counts
+    assert {label for label, _ in DEV} == set(counts) | {"none"}
+
+
 def test_non_text_input_is_rejected_clearly():
     with pytest.raises(TypeError, match="string"):
         red_flags(None)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="sequence of strings"):
+        red_flags("胸痛", "出汗")  # type: ignore[arg-type]
