@@ -183,6 +183,44 @@ class StaticKVCache:
         return self.keys, self.values
 
 
+class SlotKVCache:
+    """Keys and values of one layer for a serving engine: `[max_batch, nh, capacity, hd]` each,
+    one row ("slot") per running sequence, each with its own length (kept by the caller).
+
+    Before a forward the caller picks the rows it runs with `select(rows, span)`; `update(k, v,
+    cache_position)` then writes k, v `[n, nh, s, hd]` of row `rows[i]` at its own positions
+    `cache_position[i]` (LongTensor `[n, s]`) and returns those rows' first `span` slots
+    `[n, nh, span, hd]`. Slots past a row's length hold stale values: the caller's mask
+    `[n, 1, s, span]` (True = masked) hides them, and a masked score's probability is exactly 0
+    in fp32, so a row's numbers do not depend on the other rows."""
+
+    def __init__(self, batch: int, heads: int, capacity: int, head_dim: int, dtype: torch.dtype, device: torch.device):
+        shape = (batch, heads, capacity, head_dim)
+        self.keys = torch.zeros(shape, dtype=dtype, device=device)
+        self.values = torch.zeros(shape, dtype=dtype, device=device)
+        self.rows = torch.zeros(0, dtype=torch.long, device=device)
+        self.span = capacity
+
+    @property
+    def capacity(self) -> int:
+        return self.keys.shape[2]
+
+    def select(self, rows: torch.Tensor, span: int) -> None:
+        """Rows `[n]` (slot indices) and key span of the next update; span <= capacity."""
+        if span > self.capacity:
+            raise ValueError(f"{span} positions do not fit a KV cache of {self.capacity} slots")
+        self.rows, self.span = rows.to(self.keys.device), span
+
+    def update(self, k: torch.Tensor, v: torch.Tensor, cache_position: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """See the class: write each selected row at its positions `[n, s]`; return `[n, nh, span, hd]`."""
+        rows = self.rows[:, None]
+        cols = cache_position.to(self.keys.device)
+        # rows/cols broadcast to [n, s]; the head slice between them moves to the end: [n, s, nh, hd].
+        self.keys[rows, :, cols] = k.transpose(1, 2)
+        self.values[rows, :, cols] = v.transpose(1, 2)
+        return self.keys[self.rows, :, :self.span], self.values[self.rows, :, :self.span]
+
+
 # ----------------------------------------------------------------------------------------------
 # Modules
 # ----------------------------------------------------------------------------------------------
@@ -199,7 +237,7 @@ class SelfAttention(nn.Module):
         self.dense = nn.Linear(config.hidden_size, config.hidden_size)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
-                cache: KVCache | StaticKVCache | None, cache_position: torch.Tensor | None = None) -> torch.Tensor:
+                cache: KVCache | StaticKVCache | SlotKVCache | None, cache_position: torch.Tensor | None = None) -> torch.Tensor:
         b, s, _ = x.shape
         # q/k/v are interleaved PER HEAD: [nh, 3*hd] with q_j, k_j, v_j adjacent (not [Q|K|V]).
         qkv = self.query_key_value(x).view(b, s, self.heads, 3, self.head_dim).permute(0, 3, 2, 1, 4)
@@ -241,7 +279,7 @@ class GLMBlock(nn.Module):
         self.mlp = GLU(config)
 
     def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
-                cache: KVCache | StaticKVCache | None, cache_position: torch.Tensor | None = None) -> torch.Tensor:
+                cache: KVCache | StaticKVCache | SlotKVCache | None, cache_position: torch.Tensor | None = None) -> torch.Tensor:
         # DeepNorm-style: the residual is the NORMALISED input times alpha, not the block input.
         x = self.input_layernorm(h)
         h = RESIDUAL_ALPHA * x + self.attention(x, cos, sin, mask, cache, cache_position)
@@ -277,7 +315,7 @@ class GLMForCausalLM(nn.Module):
         self.lm_head.weight = self.transformer.word_embeddings.weight
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                position_ids: torch.Tensor | None = None, *, caches: list[KVCache] | list[StaticKVCache] | None = None,
+                position_ids: torch.Tensor | None = None, *, caches: list[KVCache] | list[StaticKVCache] | list[SlotKVCache] | None = None,
                 cache_position: torch.Tensor | None = None, last_only: bool = False,
                 output_hidden_states: bool = False) -> GLMOutput:
         """input_ids `[b, s]`; attention_mask bool `[b, 1, s, total]` (True = masked) and
@@ -286,7 +324,8 @@ class GLMForCausalLM(nn.Module):
         With `caches` (one KVCache per layer) the new keys/values are appended and attention
         covers everything cached. With StaticKVCaches, `cache_position` (LongTensor `[s]`) names
         the slots to write, attention covers all `capacity` slots and the mask (then required,
-        `[b, 1, s, capacity]`) must hide the unfilled ones. hidden_states, when asked for, are
+        `[b, 1, s, capacity]`) must hide the unfilled ones. SlotKVCaches (serving) work the same
+        way with per-row positions `cache_position` `[b, s]` (see SlotKVCache). hidden_states, when asked for, are
         the embedding output, the output of every block but the last, and the final LayerNorm
         output (as the reference)."""
         if cache_position is not None:
@@ -335,6 +374,13 @@ class GLMForCausalLM(nn.Module):
         c = self.config
         return [StaticKVCache(batch, c.num_attention_heads, capacity, c.head_dim,
                               layer.input_layernorm.weight.dtype, layer.input_layernorm.weight.device)
+                for layer in self.transformer.layers]
+
+    def new_slot_caches(self, max_batch: int, capacity: int) -> list[SlotKVCache]:
+        """One zeroed SlotKVCache of `max_batch` rows x `capacity` slots per layer, placed as new_caches places them."""
+        c = self.config
+        return [SlotKVCache(max_batch, c.num_attention_heads, capacity, c.head_dim,
+                            layer.input_layernorm.weight.dtype, layer.input_layernorm.weight.device)
                 for layer in self.transformer.layers]
 
     @classmethod
