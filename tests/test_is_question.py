@@ -343,19 +343,19 @@ def test_dev_set_is_real_labelled_and_mixed():
 
 
 def test_dev_set_figures_and_floors(record_property):
-    """Floors just under the measured figures (0.976 / 0.927 / 0.974; short 0.978; long 0.973):
-    dropping the tail limit (accuracy 0.952, precision 0.837), the addressed-question rule
-    (recall 0.795) or the embedding markers (accuracy 0.939) fails this test."""
+    """Floors just under the measured figures (420 turns: accuracy 0.981, precision 0.933, recall
+    0.976; short 0.980, long 0.982): dropping the tail limit (accuracy 0.960, precision 0.840), the
+    addressed-question rule (recall 0.788) or the embedding markers (accuracy 0.921) fails this."""
     scores = router.evaluate(DEV_SET)
     original = router.evaluate(DEV_SET, is_question_original)
     for subset in scores:
         record_property(f"dev_{subset}_accuracy", scores[subset]["accuracy"])
     print(f"\ndev set: new {scores}\noriginal {original}")
-    assert scores["overall"]["accuracy"] >= 0.97
-    assert scores["overall"]["precision"] >= 0.92
+    assert scores["overall"]["accuracy"] >= 0.975
+    assert scores["overall"]["precision"] >= 0.925
     assert scores["overall"]["recall"] >= 0.97
-    assert scores["short"]["accuracy"] >= 0.97
-    assert scores["long"]["accuracy"] >= 0.965
+    assert scores["short"]["accuracy"] >= 0.975
+    assert scores["long"]["accuracy"] >= 0.975
     assert scores["overall"]["accuracy"] > original["overall"]["accuracy"] + 0.08
 
 
@@ -407,6 +407,9 @@ CATEGORY_TABLES = {
         ("建议先抽血化验，检查是否需空腹请咨询当地医院。", STATES),
         ("需要看看颈动脉超声，再决定下一步是否做造影。", STATES),
         ("胸闷可能与其他原因有关，比如有没有贫血、低血压、过度劳累。", STATES),
+        ("是否需要住院治疗还需要进一步评估。", STATES),
+        ("这些指标可以帮助我们了解您的激素水平是否正常。", STATES),
+        ("具体使用哪种药物，需要根据您的情况来确定。", STATES),
         ("要根据病人的具体情况确定用什么药。", STATES),
     ],
     "drug names": [
