@@ -3,7 +3,8 @@
 Rewrites a BianQue-2 (ChatGLM-6B) checkpoint as sharded safetensors plus
 `model.safetensors.index.json`, keeping the checkpoint's tensor names, so a demo machine
 copies the weights straight out of memory-mapped files instead of unpickling 13 GB of `.bin`
-(6B shape on this project's CPU: 12.5 s instead of 65 s, peak 12.6 GB RSS instead of 22 GB). With `--quantize` the four
+(load times and peak memory depend on the machine: README, "Performance and memory", gives
+figures with their machine and the commands to measure yours). With `--quantize` the four
 linears of every block are stored as the reference does (`<name>.weight` int8, int4 packed two
 per byte high nibble first, plus `<name>.weight_scale`) and config.json says `quantization_bit`.
 
