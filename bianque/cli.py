@@ -192,6 +192,22 @@ def handle_line(text: str, turns: list[Turn], respond: Responder) -> tuple[str, 
     return "reply", respond(list(turns), advise_now)
 
 
+def patient_flags(turns: Sequence[Turn]) -> list:
+    """The emergency flags of the last patient turn, read with the patient's earlier turns."""
+    from .safety import red_flags
+
+    said = [t.text for t in turns if t.role == PATIENT]
+    return red_flags(said[-1], said[:-1]) if said else []
+
+
+def emergency_notice(flags: Sequence) -> str:
+    """The notice the terminal prints under a patient line (the apps show the same text)."""
+    lines = ["【请立即拨打120或前往急诊】"]
+    for flag in flags:
+        lines += [f"- {flag.message}", f"  现在可以做：{flag.action}"]
+    return "\n".join(lines)
+
+
 def run_json(respond: Responder, stdin: TextIO, stdout: TextIO) -> int:
     turns: list[Turn] = []
     for line in stdin:
@@ -202,9 +218,13 @@ def run_json(respond: Responder, stdin: TextIO, stdout: TextIO) -> int:
             print(ADVISE_EMPTY, file=sys.stderr)
         if reply is None:
             continue
+        from .safety import flag_dict
+
+        flags = [flag_dict(f) for f in patient_flags(turns)]  # before the reply joins the turns
         text = "".join(reply.chunks)
         turns.append(Turn(DOCTOR, text, reply.stage))
-        stdout.write(json.dumps({"stage": reply.stage, "model": reply.model, "text": text}, ensure_ascii=False) + "\n")
+        obj = {"stage": reply.stage, "model": reply.model, "text": text, "red_flags": flags}
+        stdout.write(json.dumps(obj, ensure_ascii=False) + "\n")
         stdout.flush()
     return 0
 
@@ -261,6 +281,9 @@ def run_interactive(respond: Responder, mode: str, max_questions: int) -> int:
             print(ADVISE_EMPTY, file=out)
         if reply is None:
             continue
+        flags = patient_flags(turns)
+        if flags:
+            print(emergency_notice(flags), file=out)
         out.write(f"医生［{label(reply, turns[:-1], max_questions, mode)}］：")
         try:
             text, stopped = stream_reply(reply, out)

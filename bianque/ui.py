@@ -343,22 +343,24 @@ def _request(kind: str) -> None:
     st.session_state[REQUEST_KEY] = kind
 
 
-def red_flag_notice(text: str) -> str | None:
-    """The emergency notice for a patient message, decided by rules alone (never by the models)."""
+def red_flag_notice(text: str, earlier: Sequence[str] = ()) -> str | None:
+    """The emergency notice for a patient message, decided by rules alone (never by the models).
+
+    ``earlier``: the patient's previous messages, oldest first (an emergency told in pieces)."""
     from .safety import red_flags
 
-    flags = red_flags(text)
+    flags = red_flags(text, earlier)
     if not flags:
         return None
-    reasons = "\n".join(f"- {flag.message}" for flag in flags)
+    reasons = "\n".join(f"- {flag.message}\n  现在可以做：{flag.action}" for flag in flags)
     return f"**{EMERGENCY}**\n\n{reasons}"
 
 
-def _render_message(message: Message) -> None:
+def _render_message(message: Message, earlier: Sequence[str] = ()) -> None:
     if message.role == PATIENT:
         with st.chat_message("user", avatar=AVATARS["user"]):
             st.markdown(message.text)
-        notice = red_flag_notice(message.text)
+        notice = red_flag_notice(message.text, earlier)
         if notice:
             st.error(notice, icon=":material/emergency:")
         return
@@ -378,8 +380,11 @@ def _reply_footer(message: Message) -> None:
 def _render_history(consultation: Consultation) -> None:
     with st.chat_message("assistant", avatar=AVATARS["assistant"]):
         st.markdown(greeting())
+    said: list[str] = []  # the patient's messages so far: a notice may need the earlier ones
     for message in consultation.messages:
-        _render_message(message)
+        _render_message(message, said)
+        if message.role == PATIENT:
+            said = said + [message.text]
 
 
 def _take_request(prompt: str | None, consultation: Consultation) -> bool | None:

@@ -253,6 +253,42 @@ def test_red_flags_get_an_emergency_notice_whatever_the_model_says(backend, v1_d
     assert len(notices) == 1 and notices[0].startswith("**请立即拨打120或前往急诊**")
 
 
+def test_the_notice_shows_every_flag_with_its_full_explanation_and_action(backend, v1_dir, monkeypatch):
+    at = start(V1_APP, monkeypatch, BIANQUE_V1_MODEL=v1_dir)
+    quick(at, "v1")
+    send(at, "突然胸痛，出了一身冷汗，而且一侧肢体无力")
+    assert [e.value for e in at.error] == [
+        "**请立即拨打120或前往急诊**\n\n"
+        "- 胸痛伴出汗、气短、放射到左臂/后背/下巴，或胸口像被重物压住、撕裂样疼，可能是心肌梗死或主动脉夹层。"
+        "请立即拨打120，或马上去最近医院的急诊。\n"
+        "  现在可以做：立即停止活动、坐下或半躺休息，不要自己开车去医院；有医生开过的硝酸甘油可按医嘱含服。\n"
+        "- 口角歪斜、一侧肢体无力或麻木、说话不清、突然看不见，可能是脑卒中（中风），越早治疗越好。"
+        "请立即拨打120，或马上去最近医院的急诊。\n"
+        "  现在可以做：记下症状开始的时间，让患者躺下、头偏向一侧，不要喂水喂药。"
+    ]
+
+
+def test_a_split_emergency_gets_its_notice_under_the_completing_message(backend, v1_dir, monkeypatch):
+    at = start(V1_APP, monkeypatch, BIANQUE_V1_MODEL=v1_dir)
+    quick(at, "v1")
+    send(at, "我想了很久")
+    send(at, "遗书已经写好放在桌上了")
+    send(at, "我头疼")
+    notices = [e.value for e in at.error]
+    assert notices == [
+        "**请立即拨打120或前往急诊**\n\n"
+        "- 你的安全最重要。如果你有伤害自己或结束生命的想法或计划，请立即拨打120或110，或去最近医院的急诊；"
+        "也可以拨打全国心理援助热线12356。\n"
+        "  现在可以做：现在就告诉身边信任的人，不要独自一人，把药物、刀具等危险物品移开；拨打12356心理援助热线或120。"
+    ]
+    at2 = start(V1_APP, monkeypatch, BIANQUE_V1_MODEL=v1_dir)
+    quick(at2, "v1")
+    send(at2, "胸口疼")
+    assert not at2.error
+    send(at2, "还出了好多冷汗")
+    assert len(at2.error) == 1 and "心肌梗死" in at2.error[0].value
+
+
 def test_v1_sidebar_shows_the_original_defaults(backend, v1_dir, monkeypatch):
     at = start(V1_APP, monkeypatch, BIANQUE_V1_MODEL=v1_dir)
     assert at.slider(key="v1.temperature").value == 0.7 and at.slider(key="v1.top_p").value == 1.0

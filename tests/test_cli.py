@@ -54,8 +54,8 @@ def test_json_mode_single_model_passes_dialogue_and_params():
     run_json(respond, io.StringIO("我失眠\n\n   \n两周了\n"), out)
     lines = [json.loads(x) for x in out.getvalue().splitlines()]
     assert lines == [
-        {"stage": "question", "model": "v1", "text": "失眠多久了？"},
-        {"stage": "question", "model": "v1", "text": "睡前少看手机。"},
+        {"stage": "question", "model": "v1", "text": "失眠多久了？", "red_flags": []},
+        {"stage": "question", "model": "v1", "text": "睡前少看手机。", "red_flags": []},
     ]
     first, second = doc.calls
     assert first[0] == [Turn(PATIENT, "我失眠")]
@@ -117,7 +117,7 @@ def test_cli_v1_json_end_to_end(tiny_v1):
     assert len(lines) == 2
     for line in lines:
         obj = json.loads(line)
-        assert set(obj) == {"stage", "model", "text"} and obj["model"] == "v1" and isinstance(obj["text"], str)
+        assert set(obj) == {"stage", "model", "text", "red_flags"} and obj["red_flags"] == [] and obj["model"] == "v1" and isinstance(obj["text"], str)
     assert "头疼" not in proc.stderr  # patient text never reaches the logs
 
 
@@ -180,3 +180,44 @@ def test_advise_as_the_first_message_is_answered_not_ignored(monkeypatch, capsys
     out = capsys.readouterr().out
     assert "（请先描述您的情况，再输入 /advise 请求建议；也可以一起输入：/advise 头疼三天了）" in out
     assert seen == [([Turn(PATIENT, "头疼三天了")], True)] and "多喝水。" in out
+
+
+CHEST_NOTICE = (
+    "【请立即拨打120或前往急诊】\n"
+    "- 胸痛伴出汗、气短、放射到左臂/后背/下巴，或胸口像被重物压住、撕裂样疼，可能是心肌梗死或主动脉夹层。"
+    "请立即拨打120，或马上去最近医院的急诊。\n"
+    "  现在可以做：立即停止活动、坐下或半躺休息，不要自己开车去医院；有医生开过的硝酸甘油可按医嘱含服。"
+)
+
+
+def test_interactive_prints_the_emergency_notice_under_the_line_that_completes_it(monkeypatch, capsys):
+    from bianque.cli import run_interactive
+
+    def respond(ts, advise_now):
+        return Reply("question", "v1", iter(["还有别的不舒服吗？"]))
+
+    lines = iter(["胸口疼", "还出了好多冷汗", "/quit"])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
+    assert run_interactive(respond, "v1", 8) == 0
+    out = capsys.readouterr().out
+    assert out.count("【请立即拨打120或前往急诊】") == 1
+    # after the second patient line, before the doctor's second reply
+    first_reply = out.index("还有别的不舒服吗？")
+    notice = out.index(CHEST_NOTICE)
+    assert first_reply < notice < out.index("医生", notice)
+
+
+def test_json_mode_returns_the_red_flags_of_the_patient_line():
+    doc = FakeDoctor([["多久了？"], ["别紧张。"], ["好的。"]])
+    respond = make_responder("v1", {"v1": doc}, fake_args(argv=["--greedy"]), 8)
+    out = io.StringIO()
+    run_json(respond, io.StringIO("胸口疼\n还出了好多冷汗\n今晚想从楼上跳下去\n"), out)
+    lines = [json.loads(x) for x in out.getvalue().splitlines()]
+    assert [line["red_flags"] for line in lines[:2]] == [[], [{
+        "name": "chest_pain",
+        "message": "胸痛伴出汗、气短、放射到左臂/后背/下巴，或胸口像被重物压住、撕裂样疼，可能是心肌梗死或主动脉夹层。"
+                   "请立即拨打120，或马上去最近医院的急诊。",
+        "action": "立即停止活动、坐下或半躺休息，不要自己开车去医院；有医生开过的硝酸甘油可按医嘱含服。",
+    }]]
+    assert [f["name"] for f in lines[2]["red_flags"]] == ["self_harm"]
+    assert "12356" in lines[2]["red_flags"][0]["message"]
