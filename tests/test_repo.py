@@ -32,3 +32,15 @@ def test_no_remote_code_and_no_device_env_edits():
         text = p.read_text(encoding="utf-8")
         assert "trust_remote_code=True" not in text, p
         assert not re.search(r"CUDA_VISIBLE_DEVICES['\"]?\s*\]?\s*=", text), p
+
+
+def test_readme_layout_names_every_module():
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = readme[readme.index("## Development"):]
+    layout = section[section.index("```"):section.index("```", section.index("```") + 3)]
+    package = ROOT / "bianque"
+    missing = [str(p.relative_to(ROOT)) for p in sorted(package.rglob("*.py"))
+               if p.name not in ("__init__.py", "__main__.py") and p.name not in layout]
+    missing += [f"{d.name}/" for d in sorted(package.iterdir())
+                if d.is_dir() and (d / "__init__.py").exists() and f"{d.name}/" not in layout]
+    assert missing == [], "README.md's layout tree (## Development) does not name these modules"
