@@ -27,6 +27,9 @@ from .errors import ModelLoadError
 from .hub import V1_REPO, resolve_checkpoint
 from .prompt import Fit, Turn, build_prompt, escape_v1, fit_dialogue, unescape_v1, validate_dialogue
 from .sampling import SamplingParams, banned_ngram_tokens, next_token
+from .serving.engine import Engine
+from .serving.request import Request
+from .serving.t5_runner import T5Runner
 from .settings import dtype_name, torch_dtype
 
 log = logging.getLogger(__name__)
@@ -230,17 +233,24 @@ def generate_ids(model, input_ids: Sequence[int], params: V1Params,
     cache = None
     for _ in range(params.max_new_tokens):
         logits, cache = decode_step(model, hidden, mask, decoder_ids[-1], cache)
-        logits = logits.float().cpu()
-        if not torch.isfinite(logits).all():  # float16 overflow; sampling would fail obscurely
-            raise FloatingPointError("BianQue-1.0 produced non-finite scores; run it in float32 (--v1-dtype float32)")
-        banned = banned_ngram_tokens(decoder_ids, params.no_repeat_ngram_size)
-        if banned:
-            logits[list(banned)] = float("-inf")
-        token = int(next_token(logits, params.sampling, generator)[0])
+        token = choose_token(logits, decoder_ids, params, generator)
         if token == EOS_ID:
             return
         decoder_ids.append(token)
         yield token
+
+
+def choose_token(logits: torch.Tensor, decoder_ids: Sequence[int], params: V1Params,
+                 generator: torch.Generator | None = None) -> int:
+    """The next id from one position's logits ``[V]``: the no-repeat n-gram ban over ``decoder_ids``
+    (start token included), then sampling on CPU in float32. Shared by the solo loop and the engine."""
+    logits = logits.float().cpu()
+    if not torch.isfinite(logits).all():  # float16 overflow; sampling would fail obscurely
+        raise FloatingPointError("BianQue-1.0 produced non-finite scores; run it in float32 (--v1-dtype float32)")
+    banned = banned_ngram_tokens(list(decoder_ids), params.no_repeat_ngram_size)
+    if banned:  # out of place: the engine's logits are inference tensors
+        logits = logits.index_fill(0, torch.tensor(sorted(banned)), float("-inf"))
+    return int(next_token(logits, params.sampling, generator)[0])
 
 
 # --------------------------------------------------------------------------- the questioner
@@ -251,8 +261,15 @@ class T5Questioner:
 
     name = "BianQue-1.0"
 
-    def __init__(self, model, tokenizer: V1Tokenizer, source: str, default_params: V1Params | None = None) -> None:
+    def __init__(self, model, tokenizer: V1Tokenizer, source: str, default_params: V1Params | None = None,
+                 max_batch: int = 0) -> None:
+        """``max_batch`` > 0 serves every ``reply`` through one batching engine (thread-safe: concurrent
+        callers share decoder steps, up to ``max_batch`` at a time, the rest wait their turn);
+        0 runs each reply on its own, in the caller's thread."""
+        if max_batch < 0:
+            raise ValueError(f"max_batch must be >= 0 (0: no batching), got {max_batch}")
         self.model = model.eval()
+        self.engine = Engine(T5Runner(self.model, max_batch)) if max_batch else None
         self.tokenizer = tokenizer
         self.source = source
         self.default_params = default_params or V1Params()
@@ -280,11 +297,19 @@ class T5Questioner:
         generator = self.generator
         if params.seed is not None:
             generator = torch.Generator().manual_seed(params.seed)
-        return self._stream(ids, params, generator)
+        if self.engine is None:
+            return self._stream(ids, generate_ids(self.model, ids, params, generator))
+        return self._stream(ids, self._engine_ids(ids, params, generator))
 
-    def _stream(self, ids: list[int], params: V1Params, generator) -> Iterator[str]:
+    def _engine_ids(self, ids: list[int], params: V1Params, generator) -> Iterator[int]:
+        """``generate_ids`` through the engine: submitted at the first ``next``, cancelled on ``close``."""
+        start = self.model.config.decoder_start_token_id
+        choose = lambda logits, generated: choose_token(logits, [start, *generated], params, generator)  # noqa: E731
+        yield from self.engine.submit(Request(list(ids), choose, lambda token: token == EOS_ID, params.max_new_tokens))
+
+    def _stream(self, ids: list[int], tokens: Iterator[int]) -> Iterator[str]:
         stream, start, count = TextStream(self.tokenizer), time.perf_counter(), 0
-        for token in generate_ids(self.model, ids, params, generator):
+        for token in tokens:
             count += 1
             piece = stream.push(token)
             if piece:
@@ -296,8 +321,10 @@ class T5Questioner:
                  time.perf_counter() - start, self.device)
 
 
-def load_questioner(model: str = V1_REPO, device: str = "cpu", dtype: str | None = None) -> T5Questioner:
-    """BianQue-1.0 from a hub id or a local directory, on ``device`` in ``dtype`` (None: fp32 CPU / fp16 CUDA)."""
+def load_questioner(model: str = V1_REPO, device: str = "cpu", dtype: str | None = None,
+                    max_batch: int = 0) -> T5Questioner:
+    """BianQue-1.0 from a hub id or a local directory, on ``device`` in ``dtype`` (None: fp32 CPU / fp16 CUDA);
+    ``max_batch`` > 0 batches concurrent replies through the serving engine (see ``T5Questioner``)."""
     path = resolve_checkpoint(model, "--v1-model or BIANQUE_V1_MODEL")
     tokenizer = load_tokenizer(path)
     net = _load_model(path, torch_dtype(dtype, device, "v1"))
@@ -310,7 +337,7 @@ def load_questioner(model: str = V1_REPO, device: str = "cpu", dtype: str | None
         raise ModelLoadError(f"could not move BianQue-1.0 to {device}: {str(exc).splitlines()[0]}; "
                              "pick another --v1-device or --v1-dtype") from exc
     log.info("loaded BianQue-1.0 from %s on %s (%s)", path, device, dtype_name(next(net.parameters()).dtype))
-    return T5Questioner(net, tokenizer, source=model)
+    return T5Questioner(net, tokenizer, source=model, max_batch=max_batch)
 
 
 _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")

@@ -6,6 +6,8 @@ its last token, bans repeated 3-grams as the solo loop does, and releases finish
 from __future__ import annotations
 
 import dataclasses
+import threading
+import time
 
 import pytest
 import torch
@@ -13,7 +15,7 @@ import torch
 from bianque.prompt import DOCTOR, PATIENT, Turn
 from bianque.sampling import SamplingParams, banned_ngram_tokens, next_token
 from bianque.serving.t5_runner import T5Runner
-from bianque.t5 import EOS_ID, V1Params, decode_step, encode, generate_ids, load_questioner
+from bianque.t5 import EOS_ID, T5Questioner, V1Params, decode_step, encode, generate_ids, load_questioner
 from tiny_t5 import build_tiny_t5
 
 pytestmark = pytest.mark.filterwarnings("error::FutureWarning")
@@ -208,3 +210,60 @@ def test_bad_calls_are_clear_errors(questioner, prompts):
         runner.decode([0, 0], [5, 5])
     with pytest.raises(ValueError, match="max_batch"):
         T5Runner(questioner.model, max_batch=0)
+
+
+def test_questioner_replies_from_many_threads_share_batched_steps(questioner):
+    """``T5Questioner(max_batch=3)``: six threads at once get exactly their solo replies (greedy and
+    seeded sampling), decoder steps hold several of them, a consumer that stops early frees its slot."""
+    batched = T5Questioner(questioner.model, questioner.tokenizer, "tiny", max_batch=3)
+    engine, runner = batched.engine, batched.engine.runner
+    jobs = [(DIALOGUES[i], dataclasses.replace(GREEDY, max_new_tokens=LIMITS[i])) for i in range(4)]
+    jobs += [(DIALOGUES[4], V1Params(max_new_tokens=20, seed=7)), (DIALOGUES[5], V1Params(max_new_tokens=12, seed=8))]
+    expected = ["".join(questioner.reply(d, p)) for d, p in jobs]
+    assert len(set(expected)) == len(jobs) and all(expected)
+
+    all_in, count, lock, sizes = threading.Event(), [0], threading.Lock(), []
+    submit, prefill, decode = engine.submit, runner.prefill, runner.decode
+
+    def counting_submit(request):
+        with lock:
+            count[0] += 1
+            if count[0] == len(jobs) + 1:
+                all_in.set()
+        return submit(request)
+
+    def gated_prefill(slots, prompts):  # the first step waits until every request is queued
+        assert all_in.wait(30), "not every thread submitted its request"
+        return prefill(slots, prompts)
+
+    def recording_decode(slots, tokens):
+        sizes.append(len(slots))
+        return decode(slots, tokens)
+
+    engine.submit, runner.prefill, runner.decode = counting_submit, gated_prefill, recording_decode
+    results, errors = [None] * len(jobs), []
+
+    def run(i):
+        try:
+            results[i] = "".join(batched.reply(*jobs[i]))
+        except BaseException as exc:  # surfaced below
+            errors.append(exc)
+
+    def stop_early():
+        stream = batched.reply(DIALOGUES[6], dataclasses.replace(GREEDY, max_new_tokens=24))
+        next(stream)
+        stream.close()
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(jobs))]
+    threads.append(threading.Thread(target=stop_early))
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors and results == expected
+    assert max(sizes) == 3  # full batches: the replies really shared decoder steps
+    deadline = time.monotonic() + 10
+    while engine.scheduler.running and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not engine.scheduler.running and not engine.scheduler.waiting
+    assert sorted(engine.scheduler.free) == [0, 1, 2] and not any(runner.active)

@@ -93,6 +93,7 @@ class T5Runner:
                 raise ValueError(f"slot {slot} is not running; prefill it first")
         return self._step(slots, [int(t) for t in tokens])
 
+    @torch.inference_mode()
     def release(self, slot: int) -> None:
         """Forget ``slot``; its buffers are overwritten by the next prefill."""
         self._check_slot(slot)
