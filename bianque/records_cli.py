@@ -62,7 +62,7 @@ def main(argv: Sequence[str] | None = None, stdout: TextIO | None = None) -> int
         finally:
             store.close()
     except RecordsError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        sys.stderr.write(f"error: {exc}\n")
         return 2
 
 
@@ -90,20 +90,20 @@ def run(store, args: argparse.Namespace, age, out: TextIO) -> int:
     elif args.action == "export":
         if args.format == "csv":
             n = write_csv(args.out, store.export_rows())
-            print(f"{args.out}: {n} rows", file=sys.stderr)
+            sys.stderr.write(f"{args.out}: {n} rows\n")
         else:
             dialogues = store.export_dialogues()
             args.out.parent.mkdir(parents=True, exist_ok=True)
             with args.out.open("w", encoding="utf-8", newline="\n") as f:
                 for d in dialogues:
                     f.write(json.dumps(d, ensure_ascii=False) + "\n")
-            print(f"{args.out}: {len(dialogues)} dialogues", file=sys.stderr)
+            sys.stderr.write(f"{args.out}: {len(dialogues)} dialogues\n")
     elif args.action == "delete":
         if not store.delete_consultation(args.id):
             raise RecordsError(f"no consultation {args.id}")
-        print(f"deleted consultation {args.id}", file=sys.stderr)
+        sys.stderr.write(f"deleted consultation {args.id}\n")
     else:
-        print(f"deleted {store.purge(age)} consultations older than {args.older_than}", file=sys.stderr)
+        sys.stderr.write(f"deleted {store.purge(age)} consultations older than {args.older_than}\n")
     return 0
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import re
+import sys
 import unicodedata
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator, Sequence
@@ -426,7 +427,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--errors", action="store_true", help="also list the misjudged rows of FILE")
     args = parser.parse_args(argv)
     try:
-        print(_report(args.eval, args.errors))
+        sys.stdout.write(_report(args.eval, args.errors) + "\n")
     except (OSError, ValueError) as exc:
         parser.exit(2, f"error: {exc}\n")
     return 0

@@ -419,12 +419,12 @@ def bench(repeats: int = 200) -> dict[str, float]:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv != ["--bench"]:
-        print("usage: python -m bianque.safety --bench", file=sys.stderr)
+        sys.stderr.write("usage: python -m bianque.safety --bench\n")
         return 2
     import platform
 
     for label, ms in bench().items():
-        print(f"red_flags {label}: {ms:.3f} ms per message ({platform.processor() or platform.machine()}, 1 thread)")
+        sys.stdout.write(f"red_flags {label}: {ms:.3f} ms per message ({platform.processor() or platform.machine()}, 1 thread)\n")
     return 0
 
 
