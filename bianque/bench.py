@@ -1,5 +1,9 @@
 """Speed and memory of the native ChatGLM on random weights: `python -m bianque.bench glm --preset mid`.
 
+`python -m bianque.bench api --url URL --concurrency 8 --requests 64` load-tests a running
+`python -m bianque serve` instead (bianque/serving/loadtest.py): throughput, latency and time to
+first token percentiles, errors.
+
 Prints prefill tokens/s, decode tokens/s, time to first token, peak memory, and the bytes of
 weights read per decoded token divided by the decode time (effective GB/s) next to this
 machine's measured matrix-vector bandwidth: single-token decoding is memory-bound, so that ratio
@@ -338,6 +342,30 @@ def report(result: dict) -> str:
     ])
 
 
+def add_api_parser(sub) -> None:
+    api = sub.add_parser("api", help="load test of a running `python -m bianque serve` (see bianque.serving.loadtest)")
+    api.add_argument("--url", required=True, help="the server, e.g. http://127.0.0.1:8000")
+    api.add_argument("--concurrency", type=int, default=8, help="requests in flight at once (default 8)")
+    api.add_argument("--requests", type=int, default=64, help="requests in all (default 64)")
+    api.add_argument("--model", help="bianque-1.0, bianque-2.0 or bianque-coq (default: the first the server lists)")
+    api.add_argument("--api-key", help="the server's key (default: $BIANQUE_API_KEY)")
+    api.add_argument("--max-tokens", type=int, default=64, help="max_tokens of each request (default 64)")
+    api.add_argument("--temperature", type=float, help="sampling temperature, 0 = greedy (default: the server's)")
+    api.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def api_config(parser: argparse.ArgumentParser, args: argparse.Namespace):
+    import os
+
+    from .serving.loadtest import LoadConfig
+
+    if args.concurrency < 1 or args.requests < 1 or args.max_tokens < 1:
+        parser.error("--concurrency, --requests and --max-tokens must be at least 1")
+    return LoadConfig(url=args.url, concurrency=args.concurrency, requests=args.requests, model=args.model,
+                      api_key=args.api_key or os.environ.get("BIANQUE_API_KEY") or None,
+                      max_tokens=args.max_tokens, temperature=args.temperature)
+
+
 def parse_args(argv: list[str] | None) -> tuple[BenchConfig, bool]:
     parser = argparse.ArgumentParser(prog="python -m bianque.bench", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="what", required=True)
@@ -362,7 +390,10 @@ def parse_args(argv: list[str] | None) -> tuple[BenchConfig, bool]:
     glm.add_argument("--bandwidth-gbps", type=float, default=None,
                      help="memory-bandwidth limit to compare decoding with (default: from the GPU's properties)")
     glm.add_argument("--json", action="store_true", help="print one JSON object")
+    add_api_parser(sub)
     args = parser.parse_args(argv)
+    if args.what == "api":
+        return api_config(parser, args), args.json
     big = args.preset == "6b"
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -382,6 +413,12 @@ def parse_args(argv: list[str] | None) -> tuple[BenchConfig, bool]:
 
 def main(argv: list[str] | None = None) -> int:
     cfg, as_json = parse_args(argv)
+    if not isinstance(cfg, BenchConfig):  # `api`: a load test of a running server
+        from .serving import loadtest
+
+        result = loadtest.run_load(cfg)
+        print(json.dumps(result) if as_json else loadtest.report(result))
+        return 1 if result["errors"] else 0
     result = run_glm(cfg)
     print(json.dumps(result) if as_json else report(result))
     return 0

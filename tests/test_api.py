@@ -248,3 +248,54 @@ def test_logs_carry_no_patient_text(server):
     secret = "我的秘密症状是左脚小趾发麻"
     post(server, {"model": "bianque-2.0", "messages": user(secret), **GREEDY})
     assert "发麻" not in server["log"].read_text()
+
+
+def run_bench(server, *args: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    env.pop("BIANQUE_API_KEY", None)
+    return subprocess.run([sys.executable, "-m", "bianque.bench", "api", "--url", server["url"], *args],
+                          env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_load_benchmark_counts_every_request_and_token(server, client):
+    from bianque.serving.loadtest import patient_message
+
+    ok_before = metric(server, "bianque_requests_total", model="bianque-1.0", outcome="ok")
+    done = run_bench(server, "--concurrency", "4", "--requests", "10", "--model", "bianque-1.0", "--api-key", KEY,
+                     "--max-tokens", "6", "--temperature", "0", "--json")
+    assert done.returncode == 0, done.stderr
+    r = json.loads(done.stdout)
+    assert (r["requests"], r["ok"], r["errors"], r["error_kinds"]) == (10, 10, 0, {})
+    assert (r["model"], r["concurrency"], r["max_tokens"]) == ("bianque-1.0", 4, 6)
+    assert metric(server, "bianque_requests_total", model="bianque-1.0", outcome="ok") - ok_before == 10
+    # the same greedy requests one by one: the benchmark counted exactly their tokens
+    solo = [client.chat.completions.create(model="bianque-1.0", messages=user(patient_message(i)), temperature=0,
+                                           max_tokens=6).usage.completion_tokens for i in range(10)]
+    assert r["completion_tokens"] == sum(solo) > 0
+    assert r["requests_per_s"] == pytest.approx(10 / r["wall_s"])
+    assert r["tokens_per_s"] == pytest.approx(sum(solo) / r["wall_s"])
+    assert 0 < r["ttft_p50_s"] <= r["ttft_p95_s"] <= r["wall_s"]
+    assert r["ttft_p50_s"] <= r["latency_p50_s"] <= r["latency_p95_s"] <= r["wall_s"]
+
+
+def test_load_benchmark_reports_errors_in_text(server):
+    done = run_bench(server, "--concurrency", "2", "--requests", "3", "--model", "bianque-2.0", "--api-key", "wrong")
+    assert done.returncode == 1
+    assert "errors 3 (HTTP 401: 3)" in done.stdout
+    assert "3 streamed requests, 2 at a time" in done.stdout
+    assert "throughput 0.00 req/s" in done.stdout and "latency p50 n/a" in done.stdout
+
+
+def test_load_benchmark_default_model_is_the_first_listed(server):
+    done = run_bench(server, "--concurrency", "1", "--requests", "1", "--api-key", KEY, "--max-tokens", "2", "--json")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["model"] == "bianque-1.0"
+
+
+def test_percentile():
+    from bianque.serving.loadtest import percentile
+
+    assert percentile([], 50) is None
+    assert percentile([3.0], 95) == 3.0
+    assert percentile([4.0, 1.0, 3.0, 2.0], 50) == 2.5
+    assert percentile(list(map(float, range(101))), 95) == 95.0
