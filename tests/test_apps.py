@@ -395,11 +395,13 @@ def test_coq_app_labels_stages_and_advises_now(backend, v1_dir, v2_dir, monkeypa
     assert at.number_input(key="max_questions").value == 8
     quick(at, "v1")
     quick(at, "v2")
+    backend["v1"].script = ["头疼是哪个部位？"]
     send(at, "我头疼三天了")
     first = consultation(at).messages[-1]
     assert backend["v1"].calls[0][0] == (Turn(PATIENT, "我头疼三天了"),)  # v1 is always asked first
-    expected = {"question": "问询 1/8 · BianQue-1.0", "advice": "建议 · BianQue-2.0"}[first.stage]
-    assert first.label == expected and bubbles(at)[-1][1][0] == expected
+    assert (first.stage, first.model, first.text) == ("question", "v1", "头疼是哪个部位？")
+    assert first.label == "问询 1/8 · BianQue-1.0"
+    assert bubbles(at)[-1] == ("assistant", ["问询 1/8 · BianQue-1.0"], ["头疼是哪个部位？"])
 
     at.button(key="advise").click().run()
     assert not at.exception
@@ -437,3 +439,16 @@ def test_coq_app_counts_questions_then_hands_over_to_advice(backend, v1_dir, v2_
     (turns, _), = backend["v2"].calls
     assert turns == (Turn(PATIENT, "我头疼"), Turn("doctor", "头疼多久了？", "question"), Turn(PATIENT, "三天了"),
                      Turn("doctor", "疼痛在什么部位？", "question"), Turn(PATIENT, "额头"))
+
+
+def test_coq_app_obeys_the_sidebar_max_questions_box(backend, v1_dir, v2_dir, monkeypatch):
+    at = start(COQ_APP, monkeypatch, BIANQUE_V1_MODEL=v1_dir, BIANQUE_V2_MODEL=v2_dir)
+    quick(at, "v2")
+    at.number_input(key="max_questions").set_value(1).run()  # the default is 8
+    backend["v1"].script = ["头疼多久了？", "疼痛在什么部位？"]
+    send(at, "我头疼")
+    send(at, "三天了")
+    doctor = [m for m in consultation(at).messages if m.role == "doctor"]
+    assert [m.label for m in doctor] == ["问询 1/1 · BianQue-1.0", "建议 · BianQue-2.0"]
+    assert [b[1][0] for b in bubbles(at)[1:] if b[0] == "assistant"] == ["问询 1/1 · BianQue-1.0", "建议 · BianQue-2.0"]
+    assert len(backend["v1"].calls) == 1 and len(backend["v2"].calls) == 1

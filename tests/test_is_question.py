@@ -274,7 +274,8 @@ def test_new_detector_accuracy(record_property):
     acc = accuracy(is_question, TABLE)
     record_property("is_question_accuracy", acc)
     print(f"\nis_question accuracy: {acc:.3f} on {len(TABLE)} turns; misses: {misses}")
-    assert acc >= 0.95, misses
+    # Measured: 130 of 133 (0.977). Without the rhetorical check it is 129, without the tail limit 127.
+    assert len(TABLE) - len(misses) >= 130, misses
 
 
 def test_new_detector_beats_original(record_property):
@@ -288,7 +289,8 @@ def test_held_out_accuracy(record_property):
     new, old = accuracy(is_question, HELD_OUT), accuracy(is_question_original, HELD_OUT)
     record_property("held_out_accuracy", new)
     print(f"\nheld-out accuracy on {len(HELD_OUT)} turns: is_question {new:.3f}, original {old:.3f}")
-    assert new >= 0.9 and new > old
+    # Measured: 40 of 42 (0.952); the original rule 24 of 42. Without the tail limit: 39.
+    assert round(new * len(HELD_OUT)) >= 40 and new > old + 0.3
 
 
 def test_original_rule_is_the_2023_substring_list():
@@ -343,19 +345,20 @@ def test_dev_set_is_real_labelled_and_mixed():
 
 
 def test_dev_set_figures_and_floors(record_property):
-    """Floors just under the measured figures (420 turns: accuracy 0.981, precision 0.933, recall
-    0.976; short 0.980, long 0.982): dropping the tail limit (accuracy 0.960, precision 0.840), the
-    addressed-question rule (recall 0.788) or the embedding markers (accuracy 0.921) fails this."""
+    """Floors at the measured figures (420 turns: accuracy 0.981 = 412/420, precision 0.933 = 83/89,
+    recall 0.976 = 83/85; short 0.980, long 0.982; the original rule 0.898): dropping the tail limit
+    (accuracy 0.960, precision 0.840), the addressed-question rule (recall 0.788) or the embedding
+    markers (accuracy 0.921) fails this."""
     scores = router.evaluate(DEV_SET)
     original = router.evaluate(DEV_SET, is_question_original)
     for subset in scores:
         record_property(f"dev_{subset}_accuracy", scores[subset]["accuracy"])
     print(f"\ndev set: new {scores}\noriginal {original}")
-    assert scores["overall"]["accuracy"] >= 0.975
-    assert scores["overall"]["precision"] >= 0.925
-    assert scores["overall"]["recall"] >= 0.97
-    assert scores["short"]["accuracy"] >= 0.975
-    assert scores["long"]["accuracy"] >= 0.975
+    assert scores["overall"]["accuracy"] >= 0.980
+    assert scores["overall"]["precision"] >= 0.932
+    assert scores["overall"]["recall"] >= 0.976
+    assert scores["short"]["accuracy"] >= 0.979
+    assert scores["long"]["accuracy"] >= 0.982
     assert scores["overall"]["accuracy"] > original["overall"]["accuracy"] + 0.08
 
 
