@@ -249,3 +249,24 @@ def test_non_text_input_is_rejected_clearly():
         red_flags(None)  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="sequence of strings"):
         red_flags("胸痛", "出汗")  # type: ignore[arg-type]
+
+
+# --- the independent check set (tests/data/safety_indep.tsv): any notice for 1, none for 0 ------
+INDEP = [tuple(line.split("\t")) for line in
+         (Path(__file__).parent / "data" / "safety_indep.tsv").read_text(encoding="utf-8").splitlines()
+         if line.strip() and not line.startswith("#")]
+
+
+def test_independent_set_has_both_kinds_and_every_category():
+    assert sum(label == "1" for label, _, _ in INDEP) == 200 and sum(label == "0" for label, _, _ in INDEP) == 150
+    assert len({cat for label, cat, _ in INDEP if label == "1"}) == 20
+
+
+@pytest.mark.parametrize(("category", "text"), [(c, t) for label, c, t in INDEP if label == "1"])
+def test_independent_emergency_gets_a_notice(category, text):
+    assert red_flags(text) != [], category
+
+
+@pytest.mark.parametrize(("category", "text"), [(c, t) for label, c, t in INDEP if label == "0"])
+def test_independent_ordinary_message_gets_none(category, text):
+    assert names(red_flags(text)) == [], category
