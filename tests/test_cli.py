@@ -110,14 +110,23 @@ def tiny_v1(tmp_path_factory):
 
 
 def test_cli_v1_json_end_to_end(tiny_v1):
-    proc = run_cli(["chat", "--mode", "v1", "--v1-model", str(tiny_v1), "--json", "--seed", "0",
-                    "--max-new-tokens", "12"], "头疼三天了\n\n还有点恶心\n")
+    """The real CLI process prints, for each patient line, the reply the questioner gives in this
+    process to the whole dialogue so far (greedy, so both are the same text)."""
+    import dataclasses
+
+    from bianque.t5 import load_questioner
+
+    proc = run_cli(["chat", "--mode", "v1", "--v1-model", str(tiny_v1), "--json", "--greedy",
+                    "--max-new-tokens", "12", "--device", "cpu"], "头疼三天了\n\n还有点恶心\n")
     assert proc.returncode == 0, proc.stderr[-2000:]
-    lines = proc.stdout.splitlines()
-    assert len(lines) == 2
-    for line in lines:
-        obj = json.loads(line)
-        assert set(obj) == {"stage", "model", "text", "red_flags"} and obj["red_flags"] == [] and obj["model"] == "v1" and isinstance(obj["text"], str)
+    lines = [json.loads(line) for line in proc.stdout.splitlines()]
+    questioner = load_questioner(str(tiny_v1), device="cpu")
+    params = dataclasses.replace(questioner.default_params, max_new_tokens=12, sampling=SamplingParams(False))
+    first = "".join(questioner.reply([Turn(PATIENT, "头疼三天了")], params))
+    second = "".join(questioner.reply([Turn(PATIENT, "头疼三天了"), Turn(DOCTOR, first), Turn(PATIENT, "还有点恶心")], params))
+    assert first and second and first != second
+    assert lines == [{"stage": "question", "model": "v1", "text": first, "red_flags": []},
+                     {"stage": "question", "model": "v1", "text": second, "red_flags": []}]
     assert "头疼" not in proc.stderr  # patient text never reaches the logs
 
 
@@ -134,8 +143,14 @@ def test_load_doctors_passes_the_v2_compile_setting(monkeypatch):
 
     seen = {}
     monkeypatch.setattr(bianque.glm, "load_advisor", lambda model, **kw: seen.update(kw, model=model) or "advisor")
+    import torch
+
     assert load_doctors("v2", parse_settings(["--v2-compile", "--v2-model", "/m/v2"], {})) == {"v2": "advisor"}
-    assert seen == {"model": "/m/v2", "device": seen["device"], "dtype": None, "quantize": None, "compile": True}
+    default = "cuda" if torch.cuda.is_available() else "cpu"  # the documented default device
+    assert seen == {"model": "/m/v2", "device": default, "dtype": None, "quantize": None, "compile": True}
+    seen.clear()
+    load_doctors("v2", parse_settings(["--v2-model", "/m/v2", "--device", "cpu", "--v2-dtype", "bfloat16"], {}))
+    assert seen == {"model": "/m/v2", "device": "cpu", "dtype": "bfloat16", "quantize": None, "compile": False}
 
 
 def test_chat_help_lists_the_environment_variables():

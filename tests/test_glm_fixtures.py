@@ -165,6 +165,29 @@ def test_tiny_positions_and_masks(tiny, case):
         assert mask.int().tolist() == case["attention_mask_true_means_masked"]
         assert positions.tolist() == case["position_ids"]
         assert positions[0, 0, -1].item() == case["mask_positions_used"][0]
+        return
+    # The left-padded batch: the tokenizer's pad() must build exactly the ids, mask and positions
+    # the reference was given, from the unpadded rows (with the tiny model's special token ids).
+    pads = case["pad_lengths"]
+    assert pads == [0, 5] and case["input_ids"][1][:5] == [3] * 5  # row 1 carries 5 pad tokens
+    rows = [ids[pad:] for ids, pad in zip(case["input_ids"], pads)]
+    tok = GLMTokenizer(fixtures() / "ice_text.model")
+    cfg = tiny.config
+    tok.bos_token_id, tok.mask_token_id, tok.gmask_token_id, tok.pad_token_id = (
+        cfg.bos_token_id, cfg.mask_token_id, cfg.gmask_token_id, cfg.pad_token_id)
+    batch = tok.pad(rows, return_tensors="pt")
+    assert batch["input_ids"].tolist() == case["input_ids"]
+    assert batch["attention_mask"].int().tolist() == case["attention_mask_true_means_masked"]
+    assert batch["position_ids"].tolist() == case["position_ids"]
+    # written out: the padded row's positions start after its pads; pad rows/columns are masked
+    assert batch["position_ids"][1].tolist() == [[0, 0, 0, 0, 0, 0, 1, 2, 3, 4, 5, 5], [0] * 11 + [1]]
+    assert batch["attention_mask"][1, 0, :5].all() and batch["attention_mask"][1, 0, 5:, :5].all()
+    assert not batch["attention_mask"][1, 0, 5:, 5:11].any() and batch["attention_mask"][1, 0, 5:11, 11].all()
+    # the model's own builder on each unpadded row gives the same numbers, shifted by the padding
+    for row, (ids, pad) in enumerate(zip(rows, pads)):
+        mask, positions = build_inputs(torch.tensor([ids]), cfg)
+        assert mask[0, 0].int().tolist() == [r[pad:] for r in case["attention_mask_true_means_masked"][row][0][pad:]]
+        assert positions[0].tolist() == [p[pad:] for p in case["position_ids"][row]]
 
 
 @pytest.mark.parametrize("case", TINY_CASES)

@@ -25,7 +25,13 @@ def test_cli_chats_with_a_quantized_advisor(tiny_v2, bits):
                     "--seed", "0", "--greedy", "--max-length", "48"], "最近总是失眠\n")
     assert proc.returncode == 0, proc.stderr[-2000:]
     reply = json.loads(proc.stdout)
-    assert reply["model"] == "v2" and reply["stage"] == "advice" and isinstance(reply["text"], str)
+    from bianque.glm import V2Params, load_advisor
+    from bianque.sampling import SamplingParams
+
+    advisor = load_advisor(str(tiny_v2), device="cpu", quantize=bits)  # the same checkpoint, asked here
+    params = V2Params(max_length=48, sampling=SamplingParams(False))
+    expected = "".join(advisor.reply([Turn(PATIENT, "最近总是失眠")], params))
+    assert reply == {"stage": "advice", "model": "v2", "text": expected, "red_flags": []}
     assert "失眠" not in proc.stderr  # patient text never reaches the logs
 
 
