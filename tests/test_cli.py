@@ -236,3 +236,18 @@ def test_json_mode_returns_the_red_flags_of_the_patient_line():
     }]]
     assert [f["name"] for f in lines[2]["red_flags"]] == ["self_harm"]
     assert "12356" in lines[2]["red_flags"][0]["message"]
+
+
+def test_interactive_notice_lists_every_flag_with_its_explanation_and_action(monkeypatch, capsys):
+    from bianque.cli import run_interactive
+
+    lines = iter(["突然胸痛，出了一身冷汗，而且一侧肢体无力", "/quit"])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
+    assert run_interactive(lambda ts, advise_now: Reply("question", "v1", iter(["多久了？"])), "v1", 8) == 0
+    out = capsys.readouterr().out
+    assert CHEST_NOTICE + "\n" + (
+        "- 口角歪斜、一侧肢体无力或麻木、说话不清、突然看不见，可能是脑卒中（中风），越早治疗越好。"
+        "请立即拨打120，或马上去最近医院的急诊。\n"
+        "  现在可以做：记下症状开始的时间，让患者躺下、头偏向一侧，不要喂水喂药。\n"
+        "医生［BianQue-1.0］：多久了？"
+    ) in out

@@ -289,3 +289,46 @@ def test_bin_shard_pages_are_released_once_copied(tmp_path):
     copied = 5 * size_mb
     assert growth[False] > 1.7 * copied      # the copies plus the shard's pages
     assert growth[True] < 1.3 * copied       # just the copies
+
+
+# --- reference rules checked without the fixtures (they also run where ../shared is absent) ----
+
+def test_blank_runs_and_tabs_become_the_reference_pieces_and_back():
+    from bianque.glm.tokenizer import postprocess, preprocess
+
+    assert preprocess("a b") == "a b"  # one space stays a space
+    assert preprocess("a  b\n\tc") == "a<|blank_2|>b<n><|tab|>c"
+    assert preprocess("x" + " " * 83 + "y") == "x<|blank_80|><|blank_3|>y"
+    assert preprocess("x" + " " * 81 + "y") == "x<|blank_80|> y"  # a leftover single space
+    assert postprocess("a<|blank_2|>b<n><|tab|>c<|blank_80|><|blank_3|>d") == "a  b\n\tc" + " " * 83 + "d"
+
+
+def test_rotary_pairs_each_half_neox_style():
+    """rotate_half pairs dimension i with i + r/2 (not even/odd neighbours); with angle θ the pair
+    (a, b) turns to (a·cosθ − b·sinθ, b·cosθ + a·sinθ); the first half of a head turns with
+    channel 0 (token positions), the second with channel 1 (block positions)."""
+    from bianque.glm.model import apply_rotary_2d, rotate_half
+
+    assert rotate_half(torch.tensor([1.0, 2.0, 3.0, 4.0])).tolist() == [-3.0, -4.0, 1.0, 2.0]
+    x = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0]).view(1, 1, 1, 8)
+    cos = torch.tensor([0.0, 0.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0]).view(1, 2, 1, 4)  # 90° on channel 0 only
+    sin = torch.tensor([1.0, 1.0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0]).view(1, 2, 1, 4)
+    assert apply_rotary_2d(x, cos, sin).flatten().tolist() == [-3.0, -4.0, 1.0, 2.0, 5.0, 6.0, 7.0, 8.0]
+
+
+def test_attention_with_layer_coeff_is_plain_scaled_dot_product_in_float32():
+    """The reference divides q by sqrt(hd)·(l+1) and multiplies the scores by (l+1) again: in
+    float32 the result is ordinary softmax(q·kᵀ/√hd)·v, computed here by hand for layer 3."""
+    from bianque.glm.model import SelfAttention
+
+    torch.manual_seed(0)
+    attn = SelfAttention(CONFIG, layer_index=2).eval().requires_grad_(False)
+    assert attn.layer_coeff == 3.0
+    b, s, heads, hd = 1, 5, CONFIG.num_attention_heads, CONFIG.hidden_size // CONFIG.num_attention_heads
+    x = torch.randn(b, s, CONFIG.hidden_size)
+    cos, sin = torch.ones(b, 2, s, hd // 2), torch.zeros(b, 2, s, hd // 2)  # no rotation
+    qkv = attn.query_key_value(x).view(b, s, heads, 3, hd)  # q, k, v interleaved per head
+    q, k, v = (qkv[:, :, :, i].transpose(1, 2) for i in range(3))
+    probs = torch.softmax(q @ k.transpose(-1, -2) / hd ** 0.5, dim=-1)
+    expected = attn.dense((probs @ v).transpose(1, 2).reshape(b, s, -1))
+    torch.testing.assert_close(attn(x, cos, sin, None, None), expected, atol=1e-5, rtol=1e-5)
