@@ -77,80 +77,101 @@ def gap(n: int, banned: str = "") -> str:
 # --- findings (regex alternations) ------------------------------------------------------------
 SEIZE = r"(?<![腿脚])抽(?!筋|血|烟|空|屉|出|时间|水)"
 NUM = r"[0-9一二三四五六七八九十两几半]"
-SEVERE = (r"(?<!不)(?<!不太)(?<!没那么)(厉害|剧烈|剧痛|要命|受不了|忍不了|难以忍受|撕心裂肺|钻心|刀割|刀绞|"
+SEVERE = (r"(?<!不)(?<!不太)(?<!没那么)(厉害|剧烈|剧痛|要命|受不了|遭不住|扛不住|吃不消|忍不了|难以忍受|撕心裂肺|钻心|刀割|刀绞|"
           r"撕裂|要炸|炸开|裂开|死去活来|打滚|直不起腰|疼死|痛死|喘不|冒冷汗|出冷汗|大汗)")
 SUDDEN = r"突然|突发|一下子|猛地|瞬间|忽然"
 CHEST = r"(胸口|胸部|胸前|胸骨|前胸|胸膛|心口|心窝|心前区|心脏(那|这)?(块|里|儿|边|部位)?|胸)"
 CHEST_PAIN = CHEST + gap(8) + r"(痛|疼|闷|压|堵|紧|揪|绞|憋|沉|刺|石头)"
 CHEST_SEVERE = CHEST + gap(10) + "(" + SEVERE + r"|像" + gap(6) + r"(石头|压|勒|捏|攥|绑|箍|撕|刀|锤|大象|重物))"
-TEARING = r"撕裂(样|一样|似的?|般)" + gap(4) + r"(痛|疼)|(疼|痛)" + gap(4) + r"(穿|窜|放射|连)到?" + gap(2) + r"(后背|背)"
+TEARING = (r"撕裂(样|一样|似的?|般)" + gap(4) + r"(痛|疼)|(背|后背|胸口|胸)" + gap(6) + r"(撕着|撕扯|像刀割|刀割一样|像有东西" + gap(4) + r"撕)|"
+           r"(左右|两边|两只|两侧)" + gap(6) + r"血压" + gap(4) + r"差|(疼|痛)" + gap(4) + r"(穿|窜|放射|连)到?" + gap(2) + r"(后背|背)")
 PAIN_SEVERE = r"(疼|痛)得?" + gap(4) + r"(受不了|要命|忍不了|打滚|撕心裂肺|死去活来)"
 HEART_ATTACK = r"(?<!得)(?<!得我)(?<!的我)心梗|心肌梗|心绞痛发作|急性冠脉|主动脉夹层"
 # a squeezing simile anywhere in the message ("胸口好紧，像有根绳子勒着")
 CHEST_SIMILE = r"像" + gap(6) + r"(石头|勒|捏|攥|绑|箍|撕|刀|锤|大象|重物|压着|掐)"
 CARDIAC_HISTORY = r"支架|搭桥|冠心病|心脏病|心梗过|犯病一样|跟上次一样|和上次一样"
-ACS_SIGNS = (r"出汗|冷汗|大汗|虚汗|汗" + gap(3) + r"(湿|透|直流|往下)|(浑身|全身|衣服|一身)" + gap(2) + r"湿透|想吐|恶心|(?<!喝)吐了|喘不|气短|气促|气急|呼吸困难|上不来气|透不过气|憋气|"
+ACS_SIGNS = (r"出汗|冷汗|大汗|虚汗|汗" + gap(3) + r"(湿|透|直流|往下)|(浑身|全身|衣服|一身)" + gap(2) + r"湿透|出了?" + gap(3) + r"汗|汗" + gap(4) + r"(淌|像水|跟水)|想吐|恶心|(?<!喝)吐了|喘不|气短|气促|气急|呼吸困难|上不来气|透不过气|憋气|"
              r"左" + gap(2) + r"(肩|臂|胳膊|手)|后背|背部|下巴|下颌|牙" + gap(2) + r"(疼|痛)|濒死|要死了|快死了|"
              r"脸色" + gap(2) + r"(苍白|发白|煞白|发青)|嘴唇发紫")
 
-FACE = r"(嘴|口角|嘴角|脸|面部|眼角|半边脸)" + gap(4) + r"(歪|斜|耷拉|下垂|垂下)"
-WEAK = r"(无力|麻木|发麻|麻了|不能动|没力气|没劲|动不了|抬不起|不听使唤|不灵|拿不住|使不上劲|握不住|瘫)"
+FACE = (r"(嘴|口角|嘴角|脸|面部|眼角|半边脸)" + gap(4) + r"(歪|斜|耷拉|下垂|垂下)|(一边|半边|一侧)" + gap(2) + r"脸" + gap(4) + r"(不动|动不了|麻|僵)|"
+        r"嘴角" + gap(2) + r"流口水")
+WEAK = r"(无力|冇力|冇劲|麻木|发麻|麻了|不能动|没力气|没劲|动不了|抬不起|举不起|抬不动|举不动|筷子掉|不听使唤|不灵|拿不住|使不上劲|握不住|瘫|垂着|耷拉着)"
 LIMB = r"(肢体|身体|身子|手脚|胳膊|手臂|手|腿|脚|上肢|下肢)"
 ONE_SIDE = (r"(一侧|一边|半边|单侧|半身|偏身|左半|右半)" + gap(8) + WEAK + r"|半身不遂|偏瘫|口眼歪斜|往一边(倒|歪)|"
             r"(左|右)(边|侧)?的?(手脚|手和脚|胳膊和腿|手和腿|半身)" + gap(4) + WEAK)
-ONE_LIMB = r"(左|右)(边|侧)?的?" + gap(2) + LIMB + gap(6) + WEAK
+ONE_LIMB = r"((左|右)(边|侧)?的?|一(只|条|边|侧))" + gap(2) + LIMB + gap(6) + WEAK
+APHASIA = r"听不懂" + gap(4) + r"(说话|讲话|说的|的话)|答非所问|(讲|说)(话)?" + gap(2) + r"唔清"
 SPEECH = (r"(说话|讲话|口齿|吐字|言语|舌头)" + gap(4) + r"(不清|含糊|不利索|大舌头|发硬|不灵|颠三倒四|语无伦次)|"
+          r"(说|讲)(话)?(也|都)?(不利索|不清楚|不清|含糊|不出来)|前言不搭后语|"
           r"(说不出话|不会说话|说不了话|话都说不)")
 VISION_LOSS = r"(一只眼|一边眼|眼睛|左眼|右眼|看东西)?" + gap(3) + r"(看不见|失明|重影|什么都看不到)"
 STROKE_NAMES = r"中风|脑梗|脑卒中|卒中|脑出血|脑溢血"
 DRAG_LEG = r"(腿|脚)" + gap(4) + r"拖着|拖着" + gap(2) + r"(腿|走)|走路" + gap(4) + r"(拖|往一边)"
-# confusion, unresponsiveness: an emergency whatever the cause
-ALTERED = (r"叫" + gap(3) + r"(只哼哼|不(太)?应)|喊" + gap(3) + r"不(太)?应|只(会)?哼哼|不睁眼|睁不开眼|"
+# confusion, unresponsiveness: an emergency whatever the cause; DROWSY only with another danger sign
+DROWSY = r"迷迷糊糊|迷糊|糊涂|糊里糊涂|昏昏(沉沉|欲睡)|昏睡|嗜睡|反应(慢|迟钝|差)|呆呆|眼神发直|答非所问|哼一声|只哼"
+ALTERED = (r"叫" + gap(3) + r"(只哼哼|不(太)?应)|(怎么|咋)(叫|喊|拍|摇)都" + gap(4) + r"(哼|不醒|不应)|没醒过来|醒不过来|喊" + gap(3) + r"不(太)?应|只(会)?哼哼|不睁眼|睁不开眼|"
            r"(怎么|咋)(叫|喊|拍|摇|弄)都(不醒|没反应|不睁眼|不应)|拍都拍不醒|不认识(人|家人|我)|认不出(人|家人|我)|"
            r"颠三倒四|语无伦次|胡言乱语|说胡话|(一直|反复)重复(问|说)|问" + gap(4) + r"不(回答|答|理|应)|头一歪|"
            r"(突然|一下)" + gap(3) + r"不动了|反应" + gap(2) + r"(很|特别|越来越)?差")
 
 BLEED = "|".join((
-    r"(?<!气得)(?<!气的)(吐|呕|咳|咯)(了|出)?" + gap(6, "痰|刷牙|牙") + r"血(?!丝|点|迹|星|压|糖|管|常规|型|检查|价)",
+    r"(?<!气得)(?<!气的)(?<!得快)(?<!到快)(?<!得要)(?<!到要)(?<!追到)(?<!累到)(?<!忙到)(?<!累得)(?<!忙得)(?<!熬到)(?<!玩到)(?<!加班到)(吐|呕|咳|咯)(了|出)?" + gap(6, "痰|刷牙|牙") + r"血(?!丝|点|迹|星|压|糖|管|常规|型|检查|价)",
     r"血" + gap(8) + r"(止不住|停不下|不停地?流|一直(流|冒|往外)|往外(冒|涌|喷|流|淌)|哗哗|直流|喷|湿透|浸透)",
     r"(流|出|淌)(了)?" + gap(4) + r"(好多|很多|大量|一大滩|一地|一盆|一大片|满地|一摊|一身)的?血",
     r"一直(在)?(流血|出血)|(垫子|衣服|裤子|床单|毛巾|卫生巾)" + gap(4) + r"(湿透|浸透|全是血)",
-    r"大出血|大量出血|出血不止|流血不止|血流不止|血流如注|止不住血|喷血",
-    r"柏油样?便|黑便|拉" + gap(4) + r"(黑色|柏油)|便血" + gap(4) + r"(很多|不止|一直)|拉" + gap(4) + r"(好多|很多|一马桶|大量)的?血",
+    r"血" + gap(4) + r"流得" + gap(2) + r"(厉害|很多|好多|很猛|止不住)|大出血|大量出血|出血不止|流血不止|血流不止|血流如注|止不住血|喷血|(?<!月经)(?<!例假)(?<!经期)(出血|流血|出的血)" + gap(4) + r"(很多|好多|特别多|非常多|量大|量很大|不止|止不住|不停)",
+    r"柏油样?便|黑便|拉" + gap(4) + r"(黑色|柏油)|便血" + gap(4) + r"(很多|不止|一直)|拉" + gap(4) + r"(好多|很多|一马桶|大量)" + gap(4) + r"血|马桶(里)?" + gap(2) + r"(全是|都是|一片)(血|红)",
     r"割" + gap(6) + r"动脉",
     r"(吐|呕)" + gap(8) + r"(咖啡渣|咖啡色|酱油色)|(全是|都是|满是|一大口|一大摊|一大滩)血(?!丝|压|糖|管)|果酱(样|一样|色)",
-    r"鼻血" + gap(8) + r"(止不住|不停|一直|好久|" + NUM + r"+个?多?小时|半个?小时|两个鼻孔)",
+    r"鼻血" + gap(8) + r"(止不住|不停|一直|好久|" + NUM + r"+个?多?小时|半个?小时|两个鼻孔|([二三四五六七八九]十|[2-9][0-9])多?分钟)",
 ))
-BLACK_STOOL = r"(大便|便|屎|拉)" + gap(6) + r"(黑|柏油)|黑便|柏油"
+BLACK_STOOL = r"(大便|便|屎|拉)" + gap(6) + r"(黑|柏油|血)|黑便|柏油"
+PIERCED = r"(扎|刺|捅|戳)(到|进|伤|穿|了)"
+HEAVY_FLOW = r"(湿透|浸透)|(月经|经量|例假|出血|流血)" + gap(4) + r"(特别多|特别大|很大|很多|好多|多得)"
+STOP_FAILS = r"止不住|止不了|按不住|捏着也|压不住"
+LOW_BP = r"血压" + gap(8) + r"(?<![0-9])([3-8][0-9]|90)/|血压" + gap(4) + r"(很低|测不到|量不到|测不出)"
+COLD_LIMBS = r"(手脚|四肢|手|脚|身上)" + gap(2) + r"(冰凉|发凉|冰冷|冰)"
+PALLOR = r"脸(色)?" + gap(2) + r"(煞白|惨白|苍白|发白|发灰|铁青)"
+PROFUSE_SWEAT = r"冷汗|大汗|汗" + gap(4) + r"(淌|直流|往下|湿透|像水|跟水)|出了?" + gap(3) + r"(好多|很多|一身)汗|浑身湿透"
+UNBEARABLE = r"受不了|遭不住|扛不住|要命|刀割|刀绞|剧痛|剧烈|打滚|一动不敢动|不敢动|疼得" + gap(2) + r"(哭|叫|喊)"
+VERY_FAST_HR = r"(心跳|心率|脉搏)" + gap(6) + r"(1[5-9][0-9]|2[0-9]{2}|一百[五六七八九]十|两百|二百)"
+FAINT_SIGNS = r"眼前(发黑|一黑)|站不住|站(都)?站不稳|头晕心慌|心慌头晕|晕倒|晕过去|昏倒|嘴唇发白"
+TACHY = (r"心跳" + gap(4) + r"(1[2-9][0-9]|[2-9][0-9]{2}|一百[二三四五六七八九]十|很快|特别快|飞快)|喘得?" + gap(3) + r"(快|急)|"
+         r"一分钟" + gap(4) + r"([5-9][0-9]|[五六七八九]十)多?(次|下)")
+HIGH_FEVER = r"烧到?" + gap(2) + r"(39|4[0-2]|三十九|四十)|(39|4[0-2])(\.[0-9])?度|高烧|高热"
+DARK_URINE = r"尿" + gap(4) + r"(酱油色|茶色|可乐色|像酱油)"
 SHOCK_SIGNS = (r"头晕|眼前发黑|眼前一黑|心慌|手(脚)?" + gap(2) + r"(凉|冰)|站不住|站不起来|人" + gap(2) + r"(虚|软)|软得|"
                r"脸色" + gap(2) + r"(苍白|发白|煞白)|冷汗|晕倒|晕过去")
 BREATHING = "|".join((
-    r"呼吸困难|喘不(上|过|了)来?气|上不来气|透不过气|喘不动|没法喘气|不能呼吸|窒息|大口喘气|不能平躺",
+    r"呼吸困难|喘不(上|过|了)来?气|上不来气|透不过气|喘不动|没法喘气|不能呼吸|(?<!到快)(?<!得快)窒息|大口喘气|不能平躺",
     r"憋" + gap(4) + r"(说不出话|发紫|发青|紫了)|嘴唇" + gap(3) + r"(发紫|青紫|发青|发绀|紫了)",
     r"(卡|噎|呛)(住|到|着)?" + gap(8) + r"(喘不|说不出|不能呼吸|没法呼吸|发紫|咳不出|上不来气|出不来|憋)",
     r"(卡在|卡到|卡住)" + gap(4) + r"(喉咙|嗓子|气管)|喘得" + gap(4) + r"(说不出话|躺不下|不行)",
-    r"越来越喘|喘得(很|特别|非常)?厉害|坐着都喘|张着?嘴" + gap(2) + r"(大口)?(吸|喘)|吸不(进|上)(去)?气|憋醒|一躺(下)?就(喘|憋)|躺不下去?",
+    r"吸气" + gap(6) + r"(声音|尖|哨|呼噜|嘶)|犬吠|狗叫|(坐起来|坐着)(也|都)喘|(喘气|呼吸)" + gap(3) + r"费劲|口水" + gap(2) + r"咽不下|越来越喘|喘得(很|特别|非常)?厉害|坐着都喘|张着?嘴" + gap(2) + r"(大口)?(吸|喘)|吸不(进|上)(去)?气|憋醒|一躺(下)?就(喘|憋)|躺不下去?",
     r"(嘴唇|嘴|指甲|脸)" + gap(4) + r"(乌紫|发乌|乌青|青紫|发青|发紫)|血氧" + gap(6) + r"(8[0-9]|[4-7][0-9]|掉|低)|粉红色?" + gap(2) + r"泡沫",
     r"(喷雾|吸入剂|喷剂|气雾剂|喷了)" + gap(8) + r"(没用|不管用|不顶用|没效果|都不行)|像被" + gap(4) + r"(掐|勒|堵|捂)住?",
 ))
-CHOKE = r"(卡住|卡到|噎住|噎到|呛到|呛着|卡在|堵住)|(果冻|花生|坚果|鱼刺|糖果|枣|硬币|葡萄)" + gap(6) + r"(卡|噎|呛)"
+CHOKE = r"(卡了|卡住|卡到|噎住|噎到|呛到|呛着|呛了|被呛|卡在|堵住)|(果冻|花生|坚果|鱼刺|糖果|枣|硬币|葡萄)" + gap(6) + r"(卡|噎|呛)"
 CHOKE_SIGNS = (r"咳不出|憋得|憋红|憋紫|脸" + gap(3) + r"(红|紫|青)|喘|说不出|发不出声|哭不出|呼噜|呼吸" + gap(4) + r"(困难|不上|费劲)|"
                r"上不来气|透不过气|吸不进")
 BREATH_UNLESS = r"压力|工作|学习|作业|生活|心里|憋屈"
-ALLERGEN = (r"过敏|蜂|蜇|蛰|打(了)?" + gap(4) + r"针|输液|(吃|喝)(了)?" + gap(6) +
+ALLERGEN = (r"过敏|蜂|蜇|蛰|肾上腺素|布洛芬|阿司匹林|青霉素|头孢|抗生素|消炎药|坚果|打(了)?" + gap(4) + r"针|输液|(吃|喝)(了)?" + gap(6) +
             r"(海鲜|花生|虾|蟹|芒果|坚果|药)|青霉素|头孢|造影")
-AIRWAY = (r"(喉咙|嗓子|喉头|气管)" + gap(4) + r"(发紧|肿|堵|紧|卡)|呼吸困难|喘不|上不来气|透不过气|"
+AIRWAY = (r"(喉咙|嗓子|喉头|气管)" + gap(4) + r"(发紧|肿|堵|紧|卡)|嘶哑|哑了|吹哨|哨音|胸口?发?闷|心慌|一直咳|肾上腺素笔|头晕眼花|眼前发黑|" + LOW_BP + "|呼吸困难|喘不|上不来气|透不过气|"
           r"(嘴唇|舌头|脸|眼皮|眼睛|嘴)" + gap(3) + r"(肿|大了)|(喉咙|嗓子)" + gap(4) + r"(掐|勒|堵住|锁住|捏住)|舌头" + gap(3) + r"麻|血压" + gap(2) + r"(低|掉|下降)|晕倒|站不住")
 SEIZURE = (r"(?<!眼皮)(?<!眼睛)(?<!嘴角)(?<!肌肉)(?<!腿)(?<!胃)(?<!脸)抽搐|抽风|癫痫发作|羊癫疯|口吐白沫|浑身抽|四肢抽"
            r"@@眼皮|肌肉跳|小腿|腿肚|嘴角|面肌")
 UNCONSCIOUS = "|".join((
-    r"昏迷|晕倒|昏倒|晕过去|昏过去|晕了过去|倒地不起|倒在地上|失去意识|没(有)?了?意识|意识(不清|模糊)|神志不清",
+    r"昏迷|晕倒|昏倒|晕过去|昏过去|晕了过去|倒地不起|倒在地上|倒地上|倒地(了|后)|(突然|一下子?)" + gap(2) + r"(倒下|倒了|栽倒)|失去意识|没(有)?了?意识|意识(不清|模糊)|神志不清",
     r"不省人事|人事不省|叫不醒|喊不醒|叫" + gap(4) + r"没(有)?反应|没(有)?反应了|晕厥|休克|呼之不应",
     r"没(有)?了?(呼吸|心跳|脉搏)(?!困难|急促|不畅|道)|不喘气了|心跳停|心脏骤停|摸不到脉",
+    r"瘫(下去|倒|在地)|软(下去|倒)了?|呼吸" + gap(2) + r"(很|特别)?(弱|微弱)|(眼前一黑|眼前发黑)" + gap(4) + r"(倒|摔|晕)|(倒了|摔倒了?|晕了)" + gap(2) + r"(醒来|醒过来)|晕在" + gap(4) + r"(里|地上|厕所|浴室|卫生间)|眼睛" + gap(2) + r"(往上翻|上翻)",
     ALTERED,
 ))
 CHILD = r"孩子|宝宝|小孩|儿子|女儿|婴儿|新生儿|幼儿|小朋友|宝贝|娃|闺女|小儿|个(多)?月大|岁的(男孩|女孩|孩)"
-CHILD_DANGER = (SEIZE + r"|惊厥|翻白眼|口吐白沫|呼吸" + gap(4) + r"(急|快|费劲|困难)|喘" + gap(2) + r"(厉害|不上|不过)|"
+CHILD_DANGER = (SEIZE + r"|惊厥|翻白眼|口吐白沫|呼吸" + gap(4) + r"(急|快|费劲|困难)|喘" + gap(3) + r"(快|急)|"
+                r"(肋骨|胸口|肋|锁骨|脖子)" + gap(4) + r"(凹|陷)|(抱起来|浑身|全身|身子)" + gap(2) + r"软(软|绵绵|塌塌)|喘" + gap(2) + r"(厉害|不上|不过)|"
                 r"鼻翼|三凹|嘴唇" + gap(3) + r"(紫|青)|叫不醒|怎么叫都|软绵绵|昏睡|哭声" + gap(2) + r"(微弱|很弱)|"
                 r"不会哭|没(有)?反应|眼神发直|前囟" + gap(3) + r"(鼓|凸)|吞" + gap(6) + r"(硬币|纽扣|珠子|钉子|别针|异物|玩具|磁)|哭声" + gap(4) + r"弱|"
                 r"(硬币|纽扣|珠子|磁力珠|磁珠|磁铁|钉子|别针|电池|异物)" + gap(8) + r"(吞|咽)")
@@ -166,8 +187,11 @@ POISON = "|".join((
     r"(一整瓶|整瓶|一整盒|整盒|一盒|一瓶|半瓶|一大把|一把|一板|整板|几十|好几十|十几)" + gap(4) + r"\w{0,6}(药|片|粒|颗|丸|胶囊|安眠|安定|芬|酚|西泮|唑仑)" + gap(6) + r"(吃|吞|服|喝)(了|下|掉)",
     r"(吃|吞|服|喝)(了|下)?" + gap(6) + r"(一整瓶|整瓶|一整盒|整盒|一盒|一瓶|半瓶|一大把|一板|整板|几十|好几十|十几)" + gap(4) + r"\w{0,6}(药|片|粒|颗|丸|胶囊|安眠|安定|芬|酚|西泮|唑仑)",
     r"(药|片|胶囊)" + gap(4) + r"(吃|吞)了" + gap(2) + r"(好几|十几|几十|一把|一堆|很多|好多|一整)|不知道(吃|吞)了(几|多少)",
+    r"(好几|十几|几十|一把|一堆|很多|好多)(片|粒|颗)的?" + gap(2) + r"(安定|安眠|药|地西泮|艾司唑仑|阿普唑仑|扑热息痛|布洛芬|对乙酰氨基酚|降压|降糖)",
+    r"(?<![0-9.])([1-9][0-9]|[1-9][0-9]{2})(片|粒|颗)|(一整板|一整瓶|一整盒)" + gap(2) + r"(扑热息痛|对乙酰氨基酚|布洛芬|阿司匹林|安定|安眠药|地西泮|艾司唑仑|阿普唑仑|降压药|降糖药|二甲双胍|感冒药|退烧药|止痛药)",
+    r"(消毒液|84|洗洁精|洁厕|漂白|清洁剂|洗衣液|农药|敌敌畏|百草枯|老鼠药|汽油|煤油|甲醇)" + gap(8) + r"(喝|吃|吞|咽)(了|下|进)|(喝|吃|吞|误)(了|下)?" + gap(12) + r"(消毒液|84消毒|洁厕|漂白水|农药|敌敌畏|百草枯|老鼠药)",
     r"偷吃|误吃|误服|误食|误喝|误吞|当(成)?糖" + gap(2) + r"吃|(药|药片|药丸)" + gap(6) + r"被" + gap(6) + r"(吃|吞)",
-    r"(喝|吃|吞|误)(了|下)?" + gap(6) + r"(消毒液|84|洗洁精|洁厕|漂白|清洁剂|洗衣液|洗衣凝珠|硫酸|盐酸|汽油|煤油|火碱|烧碱|干燥剂|水银|甲醇|工业酒精|纽扣电池|电池|磁铁)",
+    r"(喝|吃|吞|误)(了|下)?" + gap(6) + r"(消毒液|84|洗洁精|洁厕|漂白|清洁剂|洗衣液|洗衣凝珠|硫酸|盐酸|汽油|煤油|火碱|烧碱|干燥剂|水银|甲醇|工业酒精|假酒|疏通剂|除垢剂|纽扣电池|电池|磁铁)",
     r"(84|消毒液|漂白)" + gap(8) + r"(洁厕|混)",
     r"一氧化碳|煤气中毒|煤气泄漏|燃气泄漏|烧炭|酒精中毒|食物中毒|(?<!铅)中毒(?!性)",
     r"(毒|野)蘑菇|吃了" + gap(4) + r"蘑菇" + gap(8) + r"(吐|拉|晕|难受|看东西)",
@@ -175,7 +199,8 @@ POISON = "|".join((
 HEAD_HIT = (r"(头|脑袋|后脑|额头|脑门)" + gap(8) + r"(撞|磕|摔|砸|碰|打|着地|受伤|挨)|"
             r"(撞|磕|摔|砸|碰|打)(到|了|在|伤|破)?" + gap(6) + r"(头|脑袋|后脑|额头|脑门)|"
             r"(摔倒|摔了一?跤|跌倒|车祸|被车撞|(摔|掉|跌|滚|栽)下(来|去))")
-HEAD_SIGNS = (r"(?<!喝)吐|呕|恶心|昏睡|嗜睡|迷糊|犯困|想睡|睡不醒|叫不醒|不认识人|认不出|说胡话|糊涂|反应" + gap(2) + r"(慢|迟钝)|"
+EAR_NOSE_FLUID = r"(耳朵|鼻子)" + gap(6) + r"(流|出)" + gap(6) + r"(血|水|液)"
+HEAD_SIGNS = (EAR_NOSE_FLUID + r"|昏昏欲睡|叫醒" + gap(3) + r"又睡|又睡着|" + r"(?<!喝)吐|呕|恶心|昏睡|嗜睡|迷糊|犯困|想睡|睡不醒|叫不醒|不认识人|认不出|说胡话|糊涂|反应" + gap(2) + r"(慢|迟钝)|"
               r"记不起|想不起|不记得|意识|晕过去|昏迷|耳朵" + gap(4) + r"(出血|流血|流水)|鼻子" + gap(4) + r"流" + gap(2) + r"(清水|水)|"
               r"颠三倒四|语无伦次|重复(问|说)|含糊|说话不清|呆|" + ALTERED + "|"
               + SEIZE + r"|瞳孔|头(痛|疼)" + gap(4) + r"(越来越|加重|厉害)|走路不稳|站不稳|一直睡")
@@ -195,14 +220,21 @@ BURN = "|".join((
     r"(硫酸|盐酸|强酸|强碱|火碱|烧碱|生石灰|化学品)" + gap(6) + r"(溅|泼|洒|进|烧|弄到)",
     r"触电|被电(打|击|到|了)|电(到|了)一下|插座" + gap(6) + r"(电|麻)|电击|雷劈|被雷|(火灾|着火|失火)" + gap(8) + r"(吸|呛|烟)|烧伤面积" + gap(4) + r"大",
 ))
+INJURY = r"摔|跌|撞|车祸|砸|掉下|滚下"
+INJURY_SIGNS = (r"动不了|站不起来|爬不起来|变形|外翻|弯成|骨头" + gap(2) + r"(露|戳|出来)|(喘气|呼吸|吸气)" + gap(2) + r"(很|特别)?(疼|痛)|"
+                r"胸廓|一边胸" + gap(4) + r"不动")
+FIRE = r"爆炸|着火|火灾|失火|烟|烧"
+INHALATION = r"嘶哑|哑了|黑痰|咳" + gap(4) + r"黑|鼻毛" + gap(2) + r"烧"
+STINGS = r"一群|一窝|好多只|几十|二三十|三四十|[2-9][0-9]个|十几|满身|全身|好几十"
+IMMUNE_LOW = r"化疗|白细胞" + gap(2) + r"(很低|低|少)|粒细胞|免疫抑制|器官移植|移植后"
 SCALD = r"烫|烧伤|开水|热水|热油|滚油|热汤|油锅|蒸汽|火焰|爆炸"
 BURN_EXTENT = (r"一大片|大面积|一大块|全身|满身|从" + gap(6) + r"到|(胸口|肚子|后背|脸|大腿)和|起泡" + gap(4) + r"(一大片|好多|很多|一片)|"
                r"(好多|很多|一片|大)的?(水)?泡|皮" + gap(2) + r"(掉|脱|烂|没)了?")
-HEAT = r"中暑|高温|太阳底下|暴晒|工地|桑拿|闷热|大热天|烈日|晒了|热得|车里|天太热|热射|(没|不)开空调|空调坏|屋里" + gap(2) + r"热|蒸笼"
+HEAT = r"中暑|马拉松|长跑|跑步|军训|训练|高温|太阳底下|暴晒|工地|桑拿|闷热|大热天|烈日|晒了|热得|车里|天太热|热射|(没|不)开空调|空调坏|屋里" + gap(2) + r"热|蒸笼"
 HEAT_DANGER = (r"昏|晕倒|叫不醒|神志|意识|说胡话|胡言乱语|" + SEIZE + r"|不出汗|皮肤" + gap(3) + r"(烫|干)|"
                r"(体温|烧到|烧)" + gap(4) + r"(4[0-2]|四十)|糊涂|迷糊|没反应|倒下|滚烫|浑身" + gap(2) + r"烫|" + ALTERED)
 CO_SOURCE = r"烤火|炭盆|炭火|炭炉|煤炉|炉子|热水器|烧煤|蜂窝煤|门窗紧闭|(关|闭)(着|紧)?门窗|火锅.{0,4}炭|煤气|燃气"
-CO_SIGNS = r"头晕|头疼|头痛|恶心|想吐|(?<!喝)吐|晕倒|没力气|迷糊|昏|叫不醒|嘴唇" + gap(2) + r"(红|樱桃)"
+CO_SIGNS = r"头晕|头疼|头痛|恶心|想吐|(?<!喝)吐|晕倒|晕在|倒在|没力气|迷糊|昏|叫不醒|嘴唇" + gap(2) + r"(红|樱桃)"
 ANIMAL_BITE = r"(狗|猫|猴|狼|熊|野猪|马|驴|牛|动物|藏獒)" + gap(6) + r"咬"
 DEEP_BITE = (r"很深|好深|深可见|肉都|撕|一大块|血" + gap(4) + r"(流|止|一直|冒)|好多血|很多血|骨头|见骨|翻出|多处|好几口|好几处|"
              r"咬" + gap(4) + r"(脸|脖子|头)")
@@ -210,17 +242,18 @@ BITE = "|".join((
     r"蛇" + gap(6) + r"(咬|伤)|被" + gap(4) + r"蛇|毒蛇",
     r"(一群|好多|很多|一窝)?(马蜂|黄蜂|胡蜂|蜂)" + gap(6) + r"(蜇|蛰|叮)" + gap(8) + r"(几十|很多|好多|十几|满身|全身|好几十)",
 ))
-PREGNANT = (r"怀孕|孕(早期|中期|晚期|期|妇|" + NUM + r"+周|" + NUM + r"+个月)|停经|妊娠|怀了|身孕|胎动|预产期|"
+PREGNANT = (r"怀" + gap(2) + r"胎|(月经|例假|大姨妈)" + gap(4) + r"(推迟|没来|晚了)|验孕棒|两条杠|(?i:hcg)|怀孕|孕(早期|中期|晚期|期|妇|" + NUM + r"+周|" + NUM + r"+个月)|停经|妊娠|怀了|身孕|胎动|预产期|"
             r"怀着|快生了|待产|" + NUM + r"+周的?(孕|身孕)")
 PREG_DANGER = "|".join((
     r"(出血|流血|见红|阴道" + gap(4) + r"血)" + gap(6) + r"(很多|好多|不止|大量|湿透|一大片|止不住|像来月经一样)|大量出血|大出血",
     r"(肚子|腹|小腹|下腹)(部)?" + gap(6) + r"(" + SEVERE + r"|绞痛|一阵比一阵)|剧烈的?(腹痛|肚子疼|肚子痛)",
-    r"(一侧|一边|左边|右边|左下|右下|左侧|右侧)" + gap(4) + r"(肚子|腹|小腹|下腹)" + gap(6) + r"(疼|痛)",
+    r"(一侧|一边|左边|右边|左下|右下|左侧|右侧)" + gap(4) + r"(肚子|腹|小腹|下腹)" + gap(6) + r"(疼|痛)|(肚子|小腹|下腹)" + gap(4) + r"(一侧|一边|左边|右边)" + gap(4) + r"(疼|痛)",
+    SEIZE + r"|(摔|撞|跌|踢)" + gap(6) + r"(肚子|腹部)|肚子着地|眼睛" + gap(2) + r"(往上翻|上翻)|翻白眼|(?<![腿脚])抽筋|全身抖|浑身抖|抖个不停|迷糊|(下面|下身|阴道)" + gap(6) + r"(流水|哗哗|流出水|流出" + gap(3) + r"水)",
     r"眼花|看不清|视物模糊|看东西模糊|眼前发黑|冒金星|重影|抽搐|晕倒|昏倒",
-    r"(感觉不到|摸不到|没有了?)胎动|感觉不到" + gap(4) + r"(宝宝|胎儿|孩子)?" + gap(2) + r"动|(宝宝|胎儿)" + gap(4) + r"(不动了|没动静|不怎么动)|胎动" + gap(6) + r"(少|减少|变少|不明显)|羊水破|破水|胎动" + gap(4) + r"(消失|没了|感觉不到|明显减少|不动了)|宫外孕|血压" + gap(4) + r"(很高|1[6-9][0-9]|2[0-9][0-9])",
+    r"(感觉不到|摸不到|没有了?)胎动|没(有)?感觉到" + gap(2) + r"胎动|胎动" + gap(4) + r"没(有)?感觉|感觉不到" + gap(4) + r"(宝宝|胎儿|孩子)?" + gap(2) + r"动|(宝宝|胎儿)" + gap(4) + r"(不动了|没动静|不怎么动)|胎动" + gap(6) + r"(少|减少|变少|不明显)|羊水破|破水|胎动" + gap(4) + r"(消失|没了|感觉不到|明显减少|不动了)|宫外孕|血压" + gap(4) + r"(很高|1[6-9][0-9]|2[0-9][0-9])",
 ))
 PREG_BLEED = r"出血|流血|见红|血"
-PREG_PAIN = r"(?<!不)(疼|痛|硬)"
+PREG_PAIN = r"(?<!不)(疼|痛|硬|发紧|紧|下坠|坠)"
 HEADACHE = r"(头|后脑勺?|脑袋|脑子)(痛|疼)|(头|后脑勺?|脑袋)" + gap(3) + r"(痛|疼)"
 HEADACHE_SEVERE = (r"(头|后脑勺?|脑袋)" + gap(6) + r"(剧烈|剧痛|炸|裂|爆|要命|受不了|从来没有|从没这么|这辈子最|最厉害|最严重|最痛|最疼|"
                    r"像被" + gap(3) + r"(锤|打|砸|劈)|撕裂|疼死|痛死|欲裂)|剧烈的?头(痛|疼)|最(严重|厉害|痛|疼)的(一次)?头(痛|疼)")
@@ -235,40 +268,55 @@ ABDOMEN = r"(肚子|腹部|腹|肚皮|小腹|上腹|下腹)"
 RIGID = (ABDOMEN + gap(6) + r"(硬得|硬邦邦|板一样|像木板|像石头|绷得|发硬|变硬|硬了|很硬)|板状腹|腹肌紧张|" +
          ABDOMEN + gap(8) + r"(碰都不能碰|一碰就|按一下|不敢碰|不让碰|一按就)" + gap(4) + r"(疼|痛|叫)|" +
          ABDOMEN + gap(6) + r"(疼|痛)得?" + gap(6) + r"(打滚|直不起腰|满头大汗|出冷汗|冒冷汗|受不了|要命|死去活来)")
-ABDOMEN_UNLESS = r"痛经|月经|例假|大姨妈|孕|怀|宫缩|胎|吃多|胀气"
+ABDOMEN_UNLESS = r"痛经|月经(来|期|第)|来月经|经期|例假(来|期)|来例假|大姨妈来|孕|怀|宫缩|胎|吃多|胀气"
 ABDOMEN_PAIN = ABDOMEN + gap(6) + r"(疼|痛|绞)"
 PAIN_EXTREME = (r"刀割|刀绞|刀扎|剧痛|剧烈|(疼|痛)得" + gap(4) + r"(打滚|站不起来|站不住|直不起腰|满头大汗|冒冷汗|出冷汗|要命|死去活来|不能动|走不了)|"
                 r"弯着腰|(疼|痛)到" + gap(2) + r"(后背|背)")
 OBSTRUCTION = (r"(不|没)(有)?(排气|放屁)|不拉" + gap(4) + r"不放|肚子" + gap(4) + r"胀得" + gap(4) + r"(鼓|球|石头)|吐" + gap(6) + r"(绿|黄绿|胆汁|粪)")
 TESTIS = r"(蛋蛋|睾丸|阴囊|蛋)" + gap(6) + r"(剧痛|突然|肿|疼得)"
-LOW_SUGAR = r"低血糖|血糖" + gap(8) + r"(低|掉|测不出|[0-2]\.[0-9])|糖尿病|胰岛素|降糖药"
+LOW_SUGAR = r"低血糖|血糖" + gap(8) + r"(低|掉|测不出|(?i:lo)\b|[0-2]\.[0-9])|糖尿病|胰岛素|降糖药"
 REDUCED = (r"叫不醒|喊不醒|昏迷|意识|神志|迷糊|糊涂|说胡话|胡言乱语|答非所问|反应" + gap(2) + r"(慢|迟钝)|不认人|认不出|呆|" + ALTERED + "|"
            + SEIZE + r"|晕倒|昏倒|晕过去|没反应|呼之不应|嗜睡|昏睡|喂不进|咽不下")
 NO_URINE = (r"(一天|一整天|大半天|" + NUM + r"+个?小时|一晚上|整晚|好久|半天|从早上|昨天|一上午)" + gap(6) +
             r"(没|没有|不)(有)?(尿|小便|撒尿|尿尿|排尿)|尿(量)?" + gap(3) + r"(很少|特别少|几乎没有|没了|都没有)|"
             r"没(有)?(尿|小便)了?|尿不湿" + gap(6) + r"(干|没湿)|尿布" + gap(4) + r"干")
 FLUID_LOSS = r"(?<!喝)吐|呕|拉|腹泻|泻|喝不进|不吃不喝|喝水" + gap(2) + r"吐|脱水|吃不下|喝不下|吃不进|滴水不进"
-DRY_SIGNS = (r"眼窝" + gap(3) + r"(凹|陷)|前囟" + gap(3) + r"(凹|陷)|哭" + gap(3) + r"没(有)?眼泪|皮肤" + gap(4) + r"(回弹|弹不回|皱)|"
+DRY_SIGNS = (r"不回弹|弹不回来|回弹" + gap(2) + r"慢|昏昏欲睡|眼窝" + gap(3) + r"(凹|陷)|前囟" + gap(3) + r"(凹|陷)|哭" + gap(3) + r"没(有)?眼泪|皮肤" + gap(4) + r"(回弹|弹不回|皱)|"
              r"叫不醒|没反应|昏睡|精神" + gap(4) + r"(萎靡|很差|极差)|软绵绵")
 SELF_HARM = "|".join((
-    r"(?<!累得)(?<!热得)(?<!饿得)(?<!困得)(?<!烦得)(?<!笑得)(?<!疼得)(?<!痒得)(?<!累的)(?<!疼的)想死(?!你|我|他|她|了你|人|孙|外孙|儿子|女儿|闺女|宝宝|孩子|妈|爸|老公|老婆|媳妇|爷爷|奶奶|姥|家|大家)",
+    r"(?<!累得)(?<!热得)(?<!饿得)(?<!困得)(?<!烦得)(?<!笑得)(?<!疼得)(?<!痒得)(?<!累的)(?<!疼的)(?<!吃到)(?<!难吃得)(?<!丑到)(?<!尴尬到)(?<!尴尬得)(?<!无聊到)(?<!无聊得)想死(?!你|我|他|她|了你|人|孙|外孙|儿子|女儿|闺女|宝宝|孩子|妈|爸|老公|老婆|媳妇|爷爷|奶奶|姥|家|大家)",
     r"不想活|活不下去|活着(没|没有)?(什么)?(意思|意义)|活够了|自杀|轻生|寻死|结束(自己的?)?(生命|一切|这一切)|了结(自己|一切)",
-    r"自残|自伤|割腕|割(自己|手腕|手臂)|伤害自己|跳楼(?!价|大甩卖)|跳河|跳江|跳海|跳桥|卧轨|上吊",
+    r"(划|割|切)" + gap(4) + r"(手腕|手臂|胳膊|自己|血管)|(手腕|手臂|胳膊)" + gap(4) + r"(划|割|切)(了|开|破)|结束自己|一起死|同归于尽|"
+    r"(开|拧|放)煤气" + gap(8) + r"死|自残|自伤|割腕|割(自己|手腕|手臂)|伤害自己|跳楼(?!价|大甩卖)|跳河|跳江|跳海|跳桥|卧轨|上吊",
     r"(从|往)" + gap(8) + r"(楼|桥|天台|阳台|窗|顶楼|楼顶)" + gap(6) + r"跳|(楼|桥|天台|阳台|窗户|楼顶)" + gap(4) + r"跳下去",
     r"遗书|遗言|绝笔|写好了" + gap(6) + r"(信|遗)|交代" + gap(3) + r"后事|(告别|永别)" + gap(6) + r"(家人|大家|所有人|世界)|"
-    r"(家人|大家|所有人|世界|朋友|爸妈)" + gap(4) + r"(告别|永别|道别|说再见|说了再见)",
+    r"(家人|大家|所有人|世界|朋友|爸妈)" + gap(4) + r"(告别|永别|道别|说再见|说了再见|说声再见|说一声再见)|不会再麻烦|不再麻烦|不给" + gap(4) + r"添麻烦了",
     r"(攒|存|囤)(了|够)?" + gap(6) + r"(安眠药|药)|(安眠药|药)" + gap(6) + r"(攒|存|囤)(好|够|齐)?了?|一了百了|离开这个世界|没有我" + gap(6) + r"更好|不(想|要)(再)?醒来|再也不(用|要|想)?醒",
     r"下辈子|来世|来生|(想|在想|琢磨)" + gap(6) + r"(怎么|怎样|如何)死|(怎么|怎样|如何)死(最|才|比较)|(选|看|找)好了?" + gap(4) + r"(地方|日子)|"
     r"(要不要|想|准备|打算)(往下)?跳(下去)?$|往下跳|故意" + gap(6) + r"(吃|吞|喝|割|撞)",
     r"(?<!你)去死|死了算了|死了就好|不如死了|想不开|想(要)?(彻底)?解脱(?!出来)",
-    r"站在" + gap(4) + r"(天台|楼顶|顶楼|桥|窗台|阳台|江边|河边|楼边)" + gap(10) + r"跳",
+    r"站在" + gap(4) + r"(天台|楼顶|顶楼|桥|窗台|阳台|江边|河边|楼边)" + gap(10) + r"跳|死给" + gap(4) + r"看|跳下去" + gap(6) + r"解脱",
 ))
 SELF_HARM_UNLESS = r"新闻|电视|电影|小说|剧里|报道|书里|游戏里"
-GIVE_AWAY = r"(东西|存款|钱|宠物|猫|狗|遗物)" + gap(6) + r"(分给|送给|留给|交给|送人)"
-NO_FUTURE = r"(以后|再也|反正)" + gap(4) + r"(用不上|用不着|不需要了)"
+WATER = r"(河|湖|池|塘|井|海|江|水里|水中|水缸|水桶|泳池|游泳池|水库|澡盆|浴缸|粪坑)"
+DROWNING = (r"(脸|头|口鼻)" + gap(2) + r"(埋|扎|泡|浸|闷)(在|进)" + gap(2) + r"水|溺水|溺亡|落水|呛水|淹(着|到|了)|(趴|栽|倒|扎)(在|进|到)" + gap(4) + r"(水|" + WATER[1:-1] + r")|(掉|跌|摔|栽|滑)(进|到|入|在|下)?" + gap(4) + WATER + r"|"
+            r"从" + gap(2) + WATER + gap(4) + r"(捞|救|拉)(上来|出来)|(捞|救)上来")
+CHOKING_NOW = r"(被|突然)?(噎住|卡住喉咙|卡住了喉咙)了?@@经常|容易|老是|总是|有时"
+BP_HIGH = r"血压" + gap(6) + r"(1[89][0-9]|2[0-9][0-9])"
+BP_MEASURED = r"(测|量)(了|出)?" + gap(4) + r"(1[89][0-9]|2[0-9]{2})"
+BP_SIGNS = r"胸口" + gap(2) + r"(痛|疼|闷)|头(痛|疼)|头" + gap(3) + r"(痛|疼|晕)|胸(痛|疼|闷)|看不清|眼花|视物模糊|恶心|(?<!喝)吐|说话不清|手脚" + gap(2) + r"麻|心慌"
+FEVER_ANY = r"发烧|发热|高烧|高热|烧到|体温" + gap(4) + r"(3[89]|4[0-2])"
+PURPLE_RASH = r"(紫色|紫红|紫黑|暗红)" + gap(4) + r"(斑|点|疹|块)|出血点|瘀斑|淤斑|紫癜|按" + gap(4) + r"不(褪|退|消)"
+HELP = r"救命(啊|呀)?$|快救|救救(我|他|她|孩子|我的|我爸|我妈|我老|宝宝)|快来人"
+DESPAIR = r"撑不下去|熬不下去|坚持不下去|活着太累|没有希望|绝望"
+PLAN = r"(药|绳子|绳|刀|炭|农药)" + gap(6) + r"(准备好|买好|备好|攒)|今晚" + gap(4) + r"结束|结束吧|了结"
+EDGE = r"(桥|楼顶|天台|顶楼|窗台|阳台|江边|河边|悬崖)"
+JUMP = r"跳下去|往下跳|跳了算了|跳楼|跳河|跳江|解脱|结束|不想活"
+GIVE_AWAY = r"(东西|存款|钱|宠物|猫|狗|遗物)" + gap(6) + r"(分给|送给|留给|交给|送人|送出去)"
+NO_FUTURE = r"(以后|再也|反正)" + gap(4) + r"(用不上|用不着|不需要了)|再见|不会再"
 INFANT_FEVER = r"烧到?" + gap(2) + r"(3[89]|4[0-2]|三十[八九]|四十)"
 INFANT_MONTHS = r"(?<![0-9十])[1-3一二两三]个(多)?月"
-INFANT = (rf"新生儿|满月|{INFANT_MONTHS}大|{INFANT_MONTHS}的(宝宝|孩子|婴儿|小孩|女儿|儿子)|"
+INFANT = (rf"新生儿|满月|(宝宝|孩子|婴儿|女儿|儿子)(才|刚|刚刚)?(出生)?(?<![0-9])([1-9][0-9]?|[一二三四五六七八]十[一二三四五六七八九]?|[一二三四五六七八九十])天|{INFANT_MONTHS}大|{INFANT_MONTHS}的(宝宝|孩子|婴儿|小孩|女儿|儿子)|"
           rf"(宝宝|孩子|婴儿|女儿|儿子)(才|刚|刚刚)?(出生)?{INFANT_MONTHS}|(出生|生下来)" + gap(2) + NUM + r"+天")
 FEVER = r"发烧|发热|高烧|高热|体温" + gap(2) + r"(3[89]|4[0-2])|" + INFANT_FEVER
 
@@ -278,19 +326,20 @@ U = "@@"
 RULES: tuple[RedFlag, ...] = (
     RedFlag("chest_pain", "胸痛伴出汗、气短、放射到左臂/后背/下巴，或胸口像被重物压住、撕裂样疼，可能是心肌梗死或主动脉夹层。" + CALL_120,
             ((CHEST_PAIN, ACS_SIGNS), (CHEST_SEVERE,), (CHEST_PAIN, PAIN_SEVERE), (TEARING,), (HEART_ATTACK,),
-             (CHEST_PAIN, CHEST_SIMILE), (CHEST_PAIN, CARDIAC_HISTORY)),
+             (CHEST_PAIN, CHEST_SIMILE), (CHEST_PAIN, CARDIAC_HISTORY), (CHEST_PAIN, LOW_BP),
+             (r"(背|胸)" + gap(4) + r"(疼|痛)", r"像" + gap(8) + r"撕|撕扯|撕开")),
             supersedes=("breathing_difficulty",),
             action="立即停止活动、坐下或半躺休息，不要自己开车去医院；有医生开过的硝酸甘油可按医嘱含服。"),
     RedFlag("stroke", "口角歪斜、一侧肢体无力或麻木、说话不清、突然看不见，可能是脑卒中（中风），越早治疗越好。" + CALL_120,
             ((FACE,), (ONE_SIDE,), (ONE_LIMB, SUDDEN), (SPEECH,), (SUDDEN, VISION_LOSS), (STROKE_NAMES,), (DRAG_LEG, SUDDEN),
-             (DRAG_LEG, ALTERED)),
+             (DRAG_LEG, ALTERED), (APHASIA, SUDDEN), (APHASIA, WEAK), (ONE_LIMB, HEADACHE)),
             action="记下症状开始的时间，让患者躺下、头偏向一侧，不要喂水喂药。"),
     RedFlag("severe_bleeding", "大量或止不住的出血、吐血、咯血或黑便可能危及生命。" + CALL_120,
-            ((BLEED,), (BLACK_STOOL, SHOCK_SIGNS)),
+            ((BLEED,), (BLACK_STOOL, SHOCK_SIGNS), (r"血", STOP_FAILS), (HEAVY_FLOW, FAINT_SIGNS + "|" + COLD_LIMBS + "|" + PALLOR), (PIERCED, r"血")),
             action="用干净的布或纱布用力按压出血处不要松开；吐血时侧躺防止呛咳，不要进食。"),
     RedFlag("self_harm", "你的安全最重要。如果你有伤害自己或结束生命的想法或计划，请立即拨打120或110，或去最近医院的急诊；"
             "也可以拨打全国心理援助热线12356。",
-            ((SELF_HARM + U + SELF_HARM_UNLESS,), (GIVE_AWAY, NO_FUTURE)),
+            ((SELF_HARM + U + SELF_HARM_UNLESS,), (GIVE_AWAY, NO_FUTURE), (DESPAIR, PLAN), (EDGE, JUMP + U + SELF_HARM_UNLESS)),
             action="现在就告诉身边信任的人，不要独自一人，把药物、刀具等危险物品移开；拨打12356心理援助热线或120。"),
     RedFlag("child_emergency", "孩子抽搐、呼吸急促费力、嘴唇发紫、叫不醒或吞了异物需要马上救治。请立即拨打120，或马上去最近医院的儿科急诊。",
             ((CHILD, CHILD_DANGER), (CHILD, CHOKE, CHOKE_SIGNS), (CHILD, SMALL_OBJECT, r"吞|咽")),
@@ -301,42 +350,47 @@ RULES: tuple[RedFlag, ...] = (
             supersedes=("breathing_difficulty", "unconsciousness"),
             action="远离过敏原，随身有肾上腺素笔立即使用；让患者平躺抬高双腿，呼吸困难时可坐起。"),
     RedFlag("breathing_difficulty", "严重的呼吸困难或被异物噎住可能危及生命。" + CALL_120,
-            ((BREATHING + U + BREATH_UNLESS,), (CHOKE, CHOKE_SIGNS)),
+            ((BREATHING + U + BREATH_UNLESS,), (CHOKE, CHOKE_SIGNS), (CHOKING_NOW,)),
             action="让患者坐起、松开衣领；被异物噎住不能说话时立即用海姆立克法（腹部冲击）。"),
     RedFlag("unconsciousness", "晕倒、失去意识、叫不醒、抽搐或没有呼吸是急症。请立即拨打120。",
-            ((UNCONSCIOUS,), (SEIZURE,)),
+            ((UNCONSCIOUS,), (SEIZURE,), (SEIZE, r"又" + gap(4) + r"抽|第二次|反复抽|一直抽|抽个不停|还没停|停不下来|没停|" + NUM + r"+多?分钟")),
             action="让患者侧躺保持呼吸道通畅，不要喂水；没有呼吸或心跳时立即开始心肺复苏。"),
     RedFlag("sudden_severe_headache", "突然发生的剧烈头痛（一生中最严重的头痛）伴呕吐或脖子发硬，可能是脑出血或脑膜炎等急症。" + CALL_120,
-            ((HEADACHE_WORST + U + HEADACHE_UNLESS,), (HEADACHE_SEVERE + U + HEADACHE_UNLESS, SUDDEN), (HEADACHE_SEVERE + U + HEADACHE_UNLESS, HEAD_ACCOMP),
-             (HEADACHE, STIFF_NECK + U + NECK_UNLESS), (r"(头|后脑勺?|脑袋)", r"剧痛|剧烈", STIFF_NECK + U + NECK_UNLESS)),
+            ((HEADACHE_WORST,), (HEADACHE_SEVERE + U + HEADACHE_UNLESS, SUDDEN), (HEADACHE_SEVERE + U + HEADACHE_UNLESS, HEAD_ACCOMP),
+             (HEADACHE, STIFF_NECK + U + NECK_UNLESS), (r"(头|后脑勺?|脑袋)", r"剧痛|剧烈", STIFF_NECK + U + NECK_UNLESS),
+             (HEADACHE, r"越来越(厉害|重|疼|痛)|加重", r"(?<!喝)吐|呕"), (HEADACHE, r"意识(不太|不)清|" + DROWSY + "|" + ALTERED),
+             (r"眼(睛|球)?" + gap(4) + r"(剧痛|胀痛|疼得)", r"彩虹|虹视|光圈|看不清|恶心|(?<!喝)吐")),
             action="让患者安静躺下，不要自行服用止痛药掩盖症状，记下头痛开始的时间。"),
     RedFlag("poisoning", "误服或过量服用药物、喝了农药或清洁剂、一氧化碳（烧炭、煤气）中毒需要尽快救治。" + CALL_120,
-            ((POISON,), (CO_SOURCE, CO_SIGNS), (OTHERS_MEDS, SWALLOW, CHILD)),
+            ((POISON,), (CO_SOURCE, CO_SIGNS), (OTHERS_MEDS, SWALLOW, CHILD), (r"酒", r"安定|安眠|镇静|地西泮|艾司唑仑|阿普唑仑|氯硝西泮")),
             action="带上药瓶、农药瓶或包装；不要自行催吐；一氧化碳中毒先打开门窗、把人移到空气新鲜处。"),
     RedFlag("head_injury", "头部受到撞击或摔伤后呕吐、嗜睡、意识模糊或耳鼻流液，可能是颅内出血。" + CALL_120,
-            ((HEAD_HIT, HEAD_SIGNS),),
+            ((HEAD_HIT, HEAD_SIGNS), (HEAD_HIT, r"阿司匹林|氯吡格雷|华法林|利伐沙班|达比加群|抗凝|抗血小板|血友病")),
             supersedes=("unconsciousness",),
             action="让患者平躺少动，不要摇晃头部；怀疑颈部受伤时不要搬动，呕吐时整体侧翻。"),
     RedFlag("fall_from_height", "从高处坠落可能有内脏出血、脊柱骨折等看不见的重伤。" + CALL_120,
-            ((FALL,),),
+            ((FALL,), (INJURY, INJURY_SIGNS)),
             action="不要随意搬动伤者，尤其是头颈和腰背，按压止住外出血，等待急救人员。"),
     RedFlag("burns", "大面积或面部、深度烧烫伤、化学烧伤和触电都需要急救。" + CALL_120,
-            ((BURN,), (SCALD, BURN_EXTENT), (SCALD, CHILD, r"起泡|水泡|泡")),
+            ((BURN,), (SCALD, BURN_EXTENT), (FIRE, INHALATION), (SCALD, CHILD, r"起泡|水泡|泡")),
             action="触电先切断电源再接触；烧烫伤用流动的凉水冲至少20分钟，不要涂牙膏酱油，不要挑破水泡。"),
     RedFlag("heat_stroke", "高温下出现意识不清、抽搐、高热不出汗，可能是热射病（重症中暑），死亡率很高。" + CALL_120,
             (("热射病",), (HEAT, HEAT_DANGER)),
             supersedes=("unconsciousness",),
             action="立即移到阴凉处，脱去多余衣物，用凉水擦身、扇风降温；神志不清时不要喂水。"),
     RedFlag("bite", "被蛇咬伤、被动物咬出深伤口或被成群蜂蜇，需要尽快急诊处理（抗蛇毒血清、清创、狂犬病处置）。" + CALL_120,
-            ((BITE + U + r"梦|属蛇|蛇年",), (ANIMAL_BITE, DEEP_BITE), (r"咬", r"蛇" + U + r"梦|属蛇|蛇年|蛇皮|蛇果")),
+            ((BITE + U + r"梦|属蛇|蛇年",), (r"马蜂|黄蜂|胡蜂|蜂", r"蜇|蛰|叮", STINGS + "|" + DARK_URINE), (ANIMAL_BITE, DEEP_BITE), (r"咬", r"蛇" + U + r"梦|属蛇|蛇年|蛇皮|蛇果")),
             action="保持安静、咬伤的肢体放低少动，摘下戒指手表；不要用嘴吸、不要切开伤口；动物咬伤用肥皂水和流水冲洗15分钟。"),
     RedFlag("pregnancy_emergency", "怀孕期间大量出血、剧烈或一侧腹痛、头痛眼花、抽搐、破水或胎动消失，可能是宫外孕、胎盘早剥、子痫等急症。" + CALL_120,
-            ((PREGNANT, PREG_DANGER), (PREGNANT, PREG_BLEED, PREG_PAIN)),
+            ((PREGNANT, PREG_DANGER), (PREGNANT, PREG_BLEED, PREG_PAIN), (r"宫外孕", PREG_BLEED), (r"宫外孕", PREG_PAIN), (r"宫外孕" + gap(2) + r"(破|裂)",),
+             (r"(产后|生完|刚生|分娩后|剖腹产后|顺产后)", PREG_BLEED + U + r"少量|一点点|正常"),
+             (r"产后|生完|刚生|分娩|剖腹产|剖宫产|顺产|月子", HIGH_FEVER)),
             supersedes=("unconsciousness",),
             action="立即左侧卧休息，不要进食，带上孕检资料去有产科的医院。"),
     RedFlag("acute_abdomen", "肚子硬得像木板、一碰就剧痛或疼得打滚，可能是腹膜炎、消化道穿孔等急腹症。" + CALL_120,
             ((RIGID + U + ABDOMEN_UNLESS,), (ABDOMEN_PAIN + U + ABDOMEN_UNLESS, PAIN_EXTREME), (OBSTRUCTION, r"(?<!喝)吐|呕"),
-             (TESTIS,), (r"右下(腹|肚子)" + gap(6) + r"(疼|痛)", r"厉害|发烧|发热|弯着腰|走路")),
+             (TESTIS,), (ABDOMEN_PAIN, r"便血|大便带血|拉血|黑便"), (ABDOMEN_PAIN, LOW_BP + r"|血压低"), (r"动脉瘤", r"疼|痛"),
+             (r"(全肚子|整个肚子|满肚子|全腹)" + gap(4) + r"(疼|痛)", FEVER_ANY), (r"右下(腹|肚子)", r"疼|痛", FEVER_ANY), (r"右上腹|胆", FEVER_ANY + r"|寒战|打摆子", r"(眼睛|皮肤|脸|眼白)" + gap(4) + r"(发黄|黄了|变黄)|黄疸"), (r"右下(腹|肚子)" + gap(6) + r"(疼|痛)", r"厉害|发烧|发热|弯着腰|走路")),
             action="不要吃喝，不要自行服用止痛药，保持能让疼痛减轻的体位。"),
     RedFlag("hypoglycaemia", "糖尿病患者或低血糖时意识模糊、说胡话、抽搐或叫不醒，是严重低血糖。" + CALL_120,
             ((LOW_SUGAR, REDUCED),),
@@ -346,9 +400,32 @@ RULES: tuple[RedFlag, ...] = (
             ((NO_URINE, FLUID_LOSS), (FLUID_LOSS, DRY_SIGNS)),
             action="能喝就少量多次喂口服补液盐，叫不醒时不要喂水，尽快去医院输液。"),
     RedFlag("infant_fever", "三个月以下的婴儿发烧需要尽快由医生检查。请马上去最近医院的儿科急诊；如精神差、吃奶差请拨打120。",
-            ((INFANT, FEVER),),
+            ((INFANT, FEVER), (INFANT, r"(手心|脚心)" + gap(4) + r"黄|黄(得|的)(厉害|很)|吃奶" + gap(4) + r"(没劲|无力|不吃|很差)")),
             action="不要捂热，减少衣物，不要自行给退烧药，记录体温后马上就医。"),
+    RedFlag("drowning", "溺水或落水后，即使已经救上来、看起来清醒，也可能在几小时内出现呼吸困难（迟发性肺水肿）。" + CALL_120,
+            ((DROWNING,),),
+            supersedes=("unconsciousness", "breathing_difficulty", "child_emergency"),
+            action="清理口鼻，没有呼吸立即做心肺复苏；已经清醒的也要去医院观察，注意保暖。"),
+    RedFlag("sepsis_meningitis", "发烧伴紫色皮疹（按压不褪色）、脖子发硬或意识不清，可能是脑膜炎或脓毒症，进展很快。" + CALL_120,
+            ((FEVER_ANY, PURPLE_RASH), (FEVER_ANY, STIFF_NECK + U + NECK_UNLESS), (FEVER_ANY, ALTERED), (FEVER_ANY, DROWSY), (FEVER_ANY, IMMUNE_LOW), (HIGH_FEVER, LOW_BP)),
+            supersedes=("unconsciousness",),
+            action="记下体温和皮疹出现的时间，不要等退烧再去医院。"),
+    RedFlag("hypertensive_crisis", "血压极高（180以上）并伴头痛、胸痛、视物模糊、恶心或说话不清，可能是高血压急症。" + CALL_120,
+            ((BP_HIGH, BP_SIGNS), (r"血压", BP_MEASURED, BP_SIGNS)),
+            action="安静坐下或半躺，不要剧烈活动，不要自行加量服降压药，带上平时吃的药。"),
+    RedFlag("heart_rhythm", "心跳极快（每分钟150次以上）或伴眼前发黑、站不住、晕倒，可能是危险的心律失常。" + CALL_120,
+            ((VERY_FAST_HR,), (TACHY, FAINT_SIGNS), (CHEST_PAIN, r"(晕倒|晕过去|昏倒|眼前一黑)")),
+            action="立即坐下或躺下，不要走动；有人晕倒且没有反应、没有正常呼吸时立即做心肺复苏。"),
+    RedFlag("danger_signs", "描述中有危险信号（意识改变、休克表现如血压很低、手脚冰凉、脸色苍白、大汗，或无法忍受的疼痛）。" + CALL_120,
+            ((DROWSY, LOW_BP), (DROWSY, TACHY), (DROWSY, COLD_LIMBS), (DROWSY, UNBEARABLE), (DROWSY, HIGH_FEVER),
+             (LOW_BP, COLD_LIMBS), (LOW_BP, PALLOR), (LOW_BP, PROFUSE_SWEAT), (LOW_BP, TACHY), (LOW_BP, UNBEARABLE),
+             (UNBEARABLE, PALLOR), (UNBEARABLE, COLD_LIMBS), (UNBEARABLE, PROFUSE_SWEAT), (DARK_URINE,)),
+            action="让病人躺下、保暖，不要进食进水，记下症状开始的时间和量到的血压、体温。"),
+    RedFlag("call_for_help", "听起来情况紧急。" + CALL_120,
+            ((HELP,),),
+            action="说清地址和病人现在的情况，保持电话畅通，等待急救人员。"),
 )
+GENERIC = ("danger_signs", "call_for_help")  # shown only when no specific notice applies
 
 # --- negation, past and general questions -----------------------------------------------------
 # A finding is negated when its clause, up to the finding, is a negator, optional filler words and
@@ -357,12 +434,12 @@ RULES: tuple[RedFlag, ...] = (
 CLAUSE_SEPARATORS = re.compile(r"[,，。!！?？;；:：\n]|(?<![0-9])\.|\.(?![0-9])|但是|可是|然而|不过(?!气)")
 SENTENCE_END = re.compile(r"[。!！?？\n]")
 NEGATORS = r"(没有|没|无|不是|不|未|否认|并无|从未|从没|从来没有?|差点|差一点|险些|别)"
-NEGATION_FILLERS = r"(明显的?|任何|什么|出现过?|感到|感觉|觉得|发生过?|想过|想要|打算|要|过|有|再|太|怎么|一直|也)*"
+NEGATION_FILLERS = r"(明显的?|任何|什么|出现过?|感到|感觉|觉得|发生过?|想过|想要|想|打算|要|过|有|再|太|怎么|一直|也)*"
 NEGATION_LIST = r"([^、和或及]{1,8}(和|或者|或|及|以及|也没有|也没|也无))*"
 NEGATED_BEFORE = re.compile(NEGATORS + NEGATION_FILLERS + NEGATION_LIST + r"$")
 PAST_BEFORE = re.compile(r"(以前|曾经|得过|患过|去年|前年|小时候|年前|那年|多年前|年轻时|" + NUM + r"+岁(时|的时候))" + gap(8) + "$")
 NEGATED_AFTER = re.compile(r"^(不明显|没有了|已经(好了|消失|缓解|没事)|消失了|好了|的?病史|史)")
-PAST_START = re.compile(r"以前|之前|曾经|去年|前年|小时候|年前|上次|那次|那年")
+PAST_START = re.compile(r"以前|之前|曾经|去年|前年|小时候|年前|上次|那次|那年|上周|上个?月|前几天|前天|那天")
 RESOLVED = re.compile(r"(现在|目前|已经|早就|后来)(基本|完全|都|也|差不多|已经|彻底|全)*(好了|没事|恢复|正常|痊愈|不疼|不痛|好多了|治好)")
 GENERAL_QUESTION = re.compile(
     r"预防|防止|防范|避免|科普|有什么症状|有哪些症状|什么症状|哪些表现|什么表现|前兆|是什么病|遗传|平时要?注意|要注意什么|"
@@ -377,6 +454,51 @@ MAX_NEGATION_PREFIX = 24  # characters of a clause examined before a finding
 def _finding(pattern: str) -> tuple[re.Pattern[str], re.Pattern[str] | None]:
     body, _, unless = pattern.partition(U)
     return re.compile(body), (re.compile(unless) if unless else None)
+
+
+def _first_chars(items) -> tuple[frozenset[str] | None, bool]:
+    """(characters one of which every match of the parsed sequence starts with, or None when any
+    character may start it; whether the sequence can match the empty string)."""
+    found: set[str] = set()
+    for op, av in items:
+        name = str(op)
+        if name == "LITERAL":
+            first, empty = frozenset(chr(av)), False
+        elif name in ("ASSERT", "ASSERT_NOT", "AT"):
+            first, empty = frozenset(), True
+        elif name == "IN" and all(str(o) == "LITERAL" or (str(o) == "RANGE" and v[1] - v[0] < 64) for o, v in av):
+            first = frozenset(chr(c) for o, v in av for c in ((v,) if str(o) == "LITERAL" else range(v[0], v[1] + 1)))
+            empty = False
+        elif name == "BRANCH":
+            parts = [_first_chars(branch) for branch in av[1]]
+            if any(f is None for f, _ in parts):
+                return None, False
+            first, empty = frozenset().union(*(f for f, _ in parts)), any(e for _, e in parts)
+        elif name == "SUBPATTERN" and not av[1] and not av[2]:
+            first, empty = _first_chars(av[3])
+        elif name in ("MAX_REPEAT", "MIN_REPEAT", "POSSESSIVE_REPEAT"):
+            first, empty = _first_chars(av[2])
+            empty = empty or av[0] == 0
+        else:
+            return None, False
+        if first is None:
+            return None, False
+        found |= first
+        if not empty:
+            return frozenset(found), False
+    return frozenset(found), True
+
+
+@lru_cache(maxsize=None)
+def _starts(pattern: str) -> frozenset[str] | None:
+    """The characters a finding's match must start with (a quick test before the regex runs), or
+    None when that cannot be told."""
+    try:
+        from re import _parser as parser  # Python 3.11+
+    except ImportError:  # pragma: no cover
+        import sre_parse as parser  # type: ignore[no-redef]
+    first, empty = _first_chars(parser.parse(pattern.partition(U)[0]))
+    return None if first is None or empty else first
 
 
 def _clauses(text: str) -> list[str]:
@@ -411,7 +533,8 @@ def _affirmed(regex: re.Pattern[str], unless: re.Pattern[str] | None, clauses: S
         for match in regex.finditer(clause):
             before = clause[max(0, match.start() - MAX_NEGATION_PREFIX):match.start()]
             after = clause[match.end():]
-            if not (NEGATED_BEFORE.search(before) or PAST_BEFORE.search(before) or NEGATED_AFTER.match(after)):
+            past = after.startswith("过") and PAST_START.search(clause)  # "上个月晕倒过一次"
+            if not (NEGATED_BEFORE.search(before) or PAST_BEFORE.search(before) or NEGATED_AFTER.match(after) or past):
                 return True
     return False
 
@@ -423,7 +546,9 @@ FINDINGS = tuple(dict.fromkeys(p for rule in RULES for group in rule.when for p 
 def _findings(text: str) -> frozenset[str]:
     """The findings one message affirms (cached: a dialogue's earlier messages are read again)."""
     clauses = _clauses(text)
-    return frozenset(p for p in FINDINGS if _affirmed(*_finding(p), clauses))
+    chars = set("".join(clauses))
+    return frozenset(p for p in FINDINGS
+                     if (_starts(p) is None or not _starts(p).isdisjoint(chars)) and _affirmed(*_finding(p), clauses))
 
 
 def _fired(found: frozenset[str]) -> list[RedFlag]:
@@ -449,6 +574,8 @@ def red_flags(text: str, earlier: Sequence[str] = ()) -> list[RedFlag]:
         previous = {r.name for r in _fired(frozenset().union(*before, *[_findings(m) for m in earlier[-WINDOW:-(WINDOW - 1)]]))}
         fired = [r for r in RULES if r in fired or (r in joined and r.name not in previous)]
     redundant = {name for rule in fired for name in rule.supersedes}
+    if any(rule.name not in GENERIC for rule in fired):
+        redundant.update(GENERIC)
     return [rule for rule in fired if rule.name not in redundant]
 
 

@@ -25,7 +25,7 @@ POSITIVE = [
     ("我妈说话突然说不清了", ["stroke"]),
     ("切菜切到手，血流不止", ["severe_bleeding"]),
     ("今天吐血了，有小半碗", ["severe_bleeding"]),
-    ("产后大出血怎么办", ["severe_bleeding"]),
+    ("产后大出血怎么办", ["severe_bleeding", "pregnancy_emergency"]),
     ("这两天拉柏油样便，头晕乏力", ["severe_bleeding"]),
     ("鼻子出血止不住，已经二十分钟了", ["severe_bleeding"]),
     ("我不想活了，活着没意思", ["self_harm"]),
@@ -78,6 +78,16 @@ POSITIVE = [
     ("我爸可能心梗了", ["chest_pain"]),
     ("宝宝才一个月，今天体温38度", ["infant_fever"]),
     ("胸痛出汗，而且一侧肢体无力", ["chest_pain", "stroke"]),
+    ("孩子掉进池塘里，刚捞上来，一直咳", ["drowning"]),
+    ("发烧39度，腿上出了好多紫色的斑点", ["sepsis_meningitis"]),
+    ("化疗后第十天，今天烧到38.8度", ["sepsis_meningitis"]),
+    ("血压量了200/120，头痛得厉害，看东西模糊", ["hypertensive_crisis"]),
+    ("心率一直180多，停不下来", ["heart_rhythm"]),
+    ("心跳特别快，眼前发黑站不住", ["heart_rhythm"]),
+    ("人迷迷糊糊的，量血压只有80/50", ["danger_signs"]),
+    ("疼得受不了，手脚冰凉", ["danger_signs"]),
+    ("救命啊", ["call_for_help"]),
+    ("快救救我爸", ["call_for_help"]),
 ]
 
 NEGATIVE = [
@@ -251,22 +261,24 @@ def test_non_text_input_is_rejected_clearly():
         red_flags("胸痛", "出汗")  # type: ignore[arg-type]
 
 
-# --- the independent check set (tests/data/safety_indep.tsv): any notice for 1, none for 0 ------
+# --- the independent check sets (tests/data/safety_indep.tsv): any notice for 1, none for 0 ------
 INDEP = [tuple(line.split("\t")) for line in
          (Path(__file__).parent / "data" / "safety_indep.tsv").read_text(encoding="utf-8").splitlines()
          if line.strip() and not line.startswith("#")]
 
 
-def test_independent_set_has_both_kinds_and_every_category():
-    assert sum(label == "1" for label, _, _ in INDEP) == 200 and sum(label == "0" for label, _, _ in INDEP) == 150
-    assert len({cat for label, cat, _ in INDEP if label == "1"}) == 20
+def test_independent_sets_have_both_kinds():
+    sizes = {(n, label): sum(1 for s, lab, _, _ in INDEP if (s, lab) == (n, label)) for n, label in
+             [("1", "1"), ("1", "0"), ("2", "1"), ("2", "0"), ("3", "1"), ("3", "0"), ("4", "1"), ("4", "0")]}
+    assert sizes == {("1", "1"): 200, ("1", "0"): 150, ("2", "1"): 160, ("2", "0"): 120,
+                     ("3", "1"): 130, ("3", "0"): 100, ("4", "1"): 140, ("4", "0"): 110}
 
 
-@pytest.mark.parametrize(("category", "text"), [(c, t) for label, c, t in INDEP if label == "1"])
+@pytest.mark.parametrize(("category", "text"), [(c, t) for _, label, c, t in INDEP if label == "1"])
 def test_independent_emergency_gets_a_notice(category, text):
     assert red_flags(text) != [], category
 
 
-@pytest.mark.parametrize(("category", "text"), [(c, t) for label, c, t in INDEP if label == "0"])
+@pytest.mark.parametrize(("category", "text"), [(c, t) for _, label, c, t in INDEP if label == "0"])
 def test_independent_ordinary_message_gets_none(category, text):
     assert names(red_flags(text)) == [], category
