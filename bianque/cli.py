@@ -52,14 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     chat = sub.add_parser("chat", help="interactive consultation in the terminal", epilog=env_help(), formatter_class=raw)
     chat.add_argument("--mode", choices=MODES, default="coq", help="v1 asks, v2 advises, coq: v1 then v2")
     add_settings_arguments(chat)
-    chat.add_argument("--greedy", action="store_true", help="deterministic decoding instead of sampling")
-    chat.add_argument("--v1-temperature", type=float)
-    chat.add_argument("--v1-top-p", type=float)
-    chat.add_argument("--v2-temperature", type=float)
-    chat.add_argument("--v2-top-p", type=float)
-    chat.add_argument("--top-k", type=int, help="top-k for both models (default 50)")
-    chat.add_argument("--max-new-tokens", type=int, help="BianQue-1.0 reply length limit (default 512)")
-    chat.add_argument("--max-length", type=int, help="BianQue-2.0 prompt+reply token limit (default 2048)")
+    add_generation_arguments(chat)
     chat.add_argument("--json", action="store_true", help="stdin lines in, one JSON object per reply out")
     dl = sub.add_parser("download", help="fetch the checkpoints for offline use", epilog=env_help(list(HUB_ENV_VARS)),
                         formatter_class=raw)
@@ -72,7 +65,21 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("args", nargs=argparse.REMAINDER)
     rec = sub.add_parser("records", help="recorded consultations: list|show|export|delete|purge", add_help=False)
     rec.add_argument("args", nargs=argparse.REMAINDER)
+    ev = sub.add_parser("eval", help="replay real dialogues and score the replies (see eval --help)", add_help=False)
+    ev.add_argument("args", nargs=argparse.REMAINDER)
     return parser
+
+
+def add_generation_arguments(parser: argparse.ArgumentParser) -> None:
+    """Decoding flags shared by `chat` and `eval` (read by ``session_params``)."""
+    parser.add_argument("--greedy", action="store_true", help="deterministic decoding instead of sampling")
+    parser.add_argument("--v1-temperature", type=float)
+    parser.add_argument("--v1-top-p", type=float)
+    parser.add_argument("--v2-temperature", type=float)
+    parser.add_argument("--v2-top-p", type=float)
+    parser.add_argument("--top-k", type=int, help="top-k for both models (default 50)")
+    parser.add_argument("--max-new-tokens", type=int, help="BianQue-1.0 reply length limit (default 512)")
+    parser.add_argument("--max-length", type=int, help="BianQue-2.0 prompt+reply token limit (default 2048)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -85,6 +92,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .records_cli import main as records_main
 
         return records_main(argv[1:])
+    if argv[:1] == ["eval"]:  # its own parser owns the flags
+        from .eval import main as eval_main
+
+        return eval_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         if args.command == "download":
