@@ -47,6 +47,11 @@ COMPARED = ("n", "skipped", "reference_question_rate", "question_rate", "stage_a
             "length_mean", "reference_length_mean", "rouge_l", "bleu_4", "corpus_bleu_4")
 
 
+def _say(message: str) -> None:
+    """A status line on stderr (counts, line numbers, paths; never dialogue text)."""
+    sys.stderr.write(message + "\n")
+
+
 # ---------------------------------------------------------------- reading dialogues
 
 
@@ -357,7 +362,7 @@ class Serialised:
 
     def __init__(self, doctor: Any) -> None:
         self.doctor, self.lock = doctor, threading.Lock()
-        self.default_params = doctor.default_params
+        self.default_params, self.source = doctor.default_params, doctor.source
 
     def reply(self, turns: Sequence[Turn], params: Any = None) -> Iterable[str]:
         with self.lock:
@@ -371,13 +376,13 @@ def load_doctors(mode: str, settings: Any, batch: int) -> dict[str, Any]:
         from .t5 import load_questioner
 
         s = settings.v1
-        print(f"loading BianQue-1.0 from {s.model} on {s.device} ...", file=sys.stderr)
+        _say(f"loading BianQue-1.0 from {s.model} on {s.device} ...")
         doctors["v1"] = load_questioner(s.model, device=s.device, dtype=s.dtype, max_batch=batch if batch > 1 else 0)
     if mode in ("v2", "coq"):
         from .glm import load_advisor
 
         s = settings.v2
-        print(f"loading BianQue-2.0 from {s.model} on {s.device} ...", file=sys.stderr)
+        _say(f"loading BianQue-2.0 from {s.model} on {s.device} ...")
         advisor = load_advisor(s.model, device=s.device, dtype=s.dtype, quantize=s.quantize, compile=s.compile)
         doctors["v2"] = Serialised(advisor) if batch > 1 else advisor
     return doctors
@@ -636,7 +641,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     settings = settings_from_args(args)  # every setting checked before any file or model is read
     loaded = read_positions(args.data)
     for line, reason in loaded.skipped:
-        print(f"{args.data} line {line}: skipped: {reason}", file=sys.stderr)
+        _say(f"{args.data} line {line}: skipped: {reason}")
     positions = loaded.positions[: args.limit] if args.limit else loaded.positions
     if not positions:
         raise DataError(f"{args.data}: no doctor position to evaluate ({len(loaded.skipped)} malformed lines "
@@ -649,8 +654,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     workers = args.batch if args.mode in ("v1", "coq") else 1
     results = replay(positions, system, workers)
     summary = {"data": str(args.data), "format": loaded.format, "mode": args.mode, "seed": seed,
-               "limit": args.limit, "models": {v: d.source if hasattr(d, "source") else d.doctor.source
-                                               for v, d in doctors.items()},
+               "limit": args.limit, "models": {v: d.source for v, d in doctors.items()},
                **summarise(results, loaded)}
     write_results(args.out, results)
     (args.out / "summary.json").write_text(json.dumps(summary, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
@@ -670,16 +674,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.compare:
             prepare_out(args.out, ("compare.json", "compare.md", "compare.png"), args.force)
             compare(*args.compare, args.out)
-            print(f"wrote {args.out}/compare.md, compare.json, compare.png", file=sys.stderr)
+            _say(f"wrote {args.out}/compare.md, compare.json, compare.png")
             return 0
         summary = run(args)
     except (DataError, ModelLoadError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        _say(f"error: {exc}")
         return 2
-    print(f"wrote {args.out}/results.jsonl, summary.json, report.md: n={summary['n']} skipped={summary['skipped']} "
+    _say(f"wrote {args.out}/results.jsonl, summary.json, report.md: n={summary['n']} skipped={summary['skipped']} "
           f"question_rate={summary['question_rate']:.3f} (real doctor {summary['reference_question_rate']:.3f}) "
           f"stage_agreement={summary['stage_agreement']:.3f} rouge_l={summary['rouge_l']:.3f} "
-          f"bleu_4={summary['bleu_4']:.3f}", file=sys.stderr)
+          f"bleu_4={summary['bleu_4']:.3f}")
     return 0
 
 
