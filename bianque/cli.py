@@ -16,7 +16,7 @@ import torch
 from .errors import ModelLoadError
 from .prompt import DOCTOR, PATIENT, Turn
 from .session import ADVISE_NOW_TEXT, MODEL_NAMES
-from .settings import HUB_ENV_VARS, Settings, add_settings_arguments, env_help, settings_from_args
+from .settings import ENV_VARS, HUB_ENV_VARS, Settings, add_settings_arguments, env_help, settings_from_args
 
 MODES = ("v1", "v2", "coq")
 ADVISE_EMPTY = "（请先描述您的情况，再输入 /advise 请求建议；也可以一起输入：/advise 头疼三天了）"
@@ -60,7 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     dl.add_argument("--only", choices=("v1", "v2"))
     from .serving.api import add_serve_arguments
 
-    add_serve_arguments(sub.add_parser("serve", help="OpenAI-compatible HTTP API (FastAPI + uvicorn)"))
+    serve_vars = [name for name in {**ENV_VARS, **HUB_ENV_VARS} if name != "BIANQUE_SERVER"]
+    add_serve_arguments(sub.add_parser("serve", help="OpenAI-compatible HTTP API (FastAPI + uvicorn)",
+                                       epilog=env_help(serve_vars), formatter_class=raw))
     conv = sub.add_parser("convert", help="rewrite a BianQue-2 checkpoint as (quantised) safetensors", add_help=False)
     conv.add_argument("args", nargs=argparse.REMAINDER)
     rec = sub.add_parser("records", help="recorded consultations: list|show|export|delete|purge", add_help=False)
@@ -97,6 +99,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return eval_main(argv[1:])
     args = build_parser().parse_args(argv)
+    from .serving.remote import RemoteError
+
     try:
         if args.command == "download":
             return download(args)
@@ -108,7 +112,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ModelLoadError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except ValueError as exc:
+    except (ValueError, RemoteError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 
@@ -144,6 +148,17 @@ def load_doctors(mode: str, settings: Settings) -> dict:
     return doctors
 
 
+def remote_doctors(mode: str, settings: Settings) -> dict:
+    """The server's models in place of local ones (checked now: an unreachable server says so at once)."""
+    from .serving.remote import MODELS, RemoteDoctor, ServerClient
+
+    kinds = ("v1", "v2") if mode == "coq" else (mode,)
+    client = ServerClient(settings.server, settings.api_key)
+    client.check([MODELS[k] for k in kinds] + (["bianque-coq"] if mode == "coq" else []))
+    print(f"answering through the BianQue server at {client.url}", file=sys.stderr)
+    return {k: RemoteDoctor(client, k) for k in kinds}
+
+
 def session_params(doctor, args: argparse.Namespace, version: str):
     """The doctor's default generation settings with the command-line overrides applied."""
     params = doctor.default_params
@@ -157,11 +172,20 @@ def session_params(doctor, args: argparse.Namespace, version: str):
     sampling = replace(sampling, **{k: v for k, v in overrides.items() if v is not None})
     params = replace(params, sampling=sampling)
     limit = {"v1": ("max_new_tokens", args.max_new_tokens), "v2": ("max_length", args.max_length)}[version]
+    if hasattr(params, "max_tokens"):  # a server's model: the OpenAI request's fields
+        if version == "v2" and args.max_length is not None:
+            raise ValueError("--max-length (prompt + reply) cannot be sent to a server: set it where the "
+                             "server runs, or leave it out with --server")
+        limit = ("max_tokens", args.max_new_tokens if version == "v1" else None)
     return replace(params, **{limit[0]: limit[1]}) if limit[1] is not None else params
 
 
 def make_responder(mode: str, doctors: dict, args: argparse.Namespace, max_questions: int) -> Responder:
     bound = {v: WithParams(d, session_params(d, args, v)) for v, d in doctors.items()}
+    server = getattr(doctors.get("v1"), "server", None)
+    if mode == "coq" and server is not None:  # the server routes; its reply names the stage
+        return lambda turns, advise_now: server.respond(turns, advise_now, max_questions, bound["v1"].params,
+                                                        bound["v2"].params)
     if mode == "coq":
         from .router import ChainOfQuestioning
 
@@ -175,7 +199,7 @@ def chat(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
     if settings.seed is not None:
         torch.manual_seed(settings.seed)
-    doctors = load_doctors(args.mode, settings)
+    doctors = remote_doctors(args.mode, settings) if settings.server else load_doctors(args.mode, settings)
     respond = make_responder(args.mode, doctors, args, settings.max_questions)
     if args.json:
         return run_json(respond, sys.stdin, sys.stdout)
@@ -268,6 +292,7 @@ def stream_reply(reply: Reply, out: TextIO) -> tuple[str, bool]:
 
 def run_interactive(respond: Responder, mode: str, max_questions: int) -> int:
     from .router import GREETING
+    from .serving.remote import RemoteError
 
     out = sys.stdout
     print(f"扁鹊：{GREETING}\n{COMMANDS_HELP}", file=out)
@@ -283,6 +308,10 @@ def run_interactive(respond: Responder, mode: str, max_questions: int) -> int:
         except torch.OutOfMemoryError:
             turns.pop()
             print("（内存不足，这条消息未能回复，请重试或输入 /clear）", file=sys.stderr)
+            continue
+        except RemoteError as exc:  # the message is kept out of the dialogue: send it again
+            turns.pop()
+            print(f"error: {exc}（这条消息未能回复，可以再发一次）", file=sys.stderr)
             continue
         if action == "quit":
             return 0
@@ -301,6 +330,10 @@ def run_interactive(respond: Responder, mode: str, max_questions: int) -> int:
         except torch.OutOfMemoryError:
             turns.pop()
             print("\n（内存不足，这条消息未能回复，请重试或输入 /clear）", file=sys.stderr)
+            continue
+        except RemoteError as exc:
+            turns.pop()
+            print(f"\nerror: {exc}（这条消息未能回复，可以再发一次）", file=sys.stderr)
             continue
         print(" ［已停止］" if stopped else ("" if text else "（模型没有生成内容，请再试一次）"), file=out)
         if text:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
 import torch
@@ -38,10 +38,17 @@ class Settings:
     v2: ModelSettings
     seed: int | None = None
     max_questions: int = DEFAULT_MAX_QUESTIONS
+    server: str | None = None  # a running `python -m bianque serve` answers instead of local models
+    api_key: str | None = field(default=None, repr=False)
 
 
-def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
-    """The flags shared by the CLI and the apps (all default to None: env/defaults fill in)."""
+def add_settings_arguments(parser: argparse.ArgumentParser, remote: bool = True) -> None:
+    """The flags shared by the CLI and the apps (all default to None: env/defaults fill in);
+    ``remote`` adds --server/--api-key (`serve` itself takes its own --api-key)."""
+    if remote:
+        parser.add_argument("--server", help="URL of a running `python -m bianque serve` to answer instead of "
+                                             "loading models here, e.g. http://127.0.0.1:8000")
+        parser.add_argument("--api-key", help="the server's key (with --server)")
     parser.add_argument("--v1-model", help=f"BianQue-1.0 hub id or directory (default {V1_REPO})")
     parser.add_argument("--v2-model", help=f"BianQue-2.0 hub id or directory (default {V2_REPO})")
     parser.add_argument("--device", help="cpu, cuda, cuda:1 ... for both models (default: cuda if available)")
@@ -71,6 +78,8 @@ ENV_VARS = {
     "BIANQUE_V2_COMPILE": "1: compiled BianQue-2.0 decode step (--v2-compile)",
     "BIANQUE_SEED": "random seed (--seed)",
     "BIANQUE_MAX_QUESTIONS": "questions before the advice (--max-questions)",
+    "BIANQUE_SERVER": "URL of a running `bianque serve` to answer instead of local models (--server)",
+    "BIANQUE_API_KEY": "the server's API key (--api-key)",
 }
 # Read by huggingface_hub wherever a hub id is resolved or downloaded.
 HUB_ENV_VARS = {
@@ -124,7 +133,15 @@ def settings_from_args(ns: argparse.Namespace, env: Mapping[str, str] | None = N
         v2=model("v2", V2_REPO, quantize, compile),
         seed=_int(*pick(flag("seed"), var("BIANQUE_SEED"))),
         max_questions=DEFAULT_MAX_QUESTIONS if max_q is None else max_q,
+        server=check_server(*pick(("--server", getattr(ns, "server", None)), var("BIANQUE_SERVER"))),
+        api_key=pick(("--api-key", getattr(ns, "api_key", None)), var("BIANQUE_API_KEY"))[0],
     )
+
+
+def check_server(url: str | None, knob: str | None) -> str | None:
+    if url is not None and not str(url).startswith(("http://", "https://")):
+        raise ValueError(f"{knob}={url!r} is not a server URL: use http://HOST:PORT, e.g. http://127.0.0.1:8000")
+    return url
 
 
 def check_device(name: str | None, knob: str | None = None) -> None:

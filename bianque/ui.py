@@ -25,6 +25,7 @@ import torch
 from .errors import ModelLoadError
 from .prompt import PATIENT, Turn
 from .sampling import SamplingParams
+from .serving.remote import RemoteError
 from .session import (
     ADVISE_NOW_TEXT, MODEL_NAMES, Consultation, Message, fit_note, params_dict, reply_label,
 )
@@ -48,6 +49,7 @@ INT_LABELS = {
     "no_repeat_ngram_size": "禁止重复的 n-gram 长度（0 关闭）",
     "max_input_tokens": "最多输入 token 数",
     "min_answer_tokens": "为回答预留的最少 token 数",
+    "max_tokens": "最多生成 token 数",
 }
 # Far beyond either model's budget (a longer message is kept and fitted, see fit_note); the cap
 # only stops a runaway paste from bloating the page and the transcript.
@@ -79,6 +81,16 @@ class Served:
 
     doctor: Any
     lock: threading.Lock
+
+
+class Unshared:
+    """The lock of a server's model: nothing to serialise here, the server schedules requests."""
+
+    def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
+        return True
+
+    def release(self) -> None:
+        pass
 
 
 class Status:
@@ -190,7 +202,34 @@ def _seed_once(seed: int) -> int:
     return seed
 
 
+@st.cache_resource(show_spinner=False)
+def _server_client(url: str, api_key: str | None) -> Any:
+    from .serving.remote import ServerClient
+
+    return ServerClient(url, api_key)
+
+
+def _remote(config: AppConfig, settings: Settings) -> dict[str, Served]:
+    """The server's models in place of local ones; checked on every run, so a page that said the
+    server was down answers once it is up."""
+    from .serving.remote import MODELS, RemoteDoctor
+
+    client = _server_client(settings.server, settings.api_key)
+    needed = [MODELS[k] for k in config.kinds] + (["bianque-coq"] if config.mode == "coq" else [])
+    try:
+        client.check(needed)
+    except RemoteError as exc:
+        log.warning("server %s not usable", settings.server)
+        st.error(f"**BianQue 服务器不可用**\n\n{exc}", icon=":material/cloud_off:")
+        st.info(f"在服务器上启动：`python -m bianque serve --v1-model DIR --v2-model DIR --host 0.0.0.0 "
+                f"--port 8000`；或修改启动参数 `--server URL` / 环境变量 `BIANQUE_SERVER`（现为 {settings.server}）。")
+        st.stop()
+    return {k: Served(RemoteDoctor(client, k), Unshared()) for k in config.kinds}
+
+
 def _load(config: AppConfig, settings: Settings) -> dict[str, Served]:
+    if settings.server:
+        return _remote(config, settings)
     served, failed = {}, {}
     for kind in config.kinds:
         s = getattr(settings, kind)
@@ -450,6 +489,10 @@ def _start(config: AppConfig, doctors: dict[str, Serialised], consultation: Cons
     if config.mode != "coq":
         kind = config.kinds[0]
         return kind, None, doctors[kind].reply(turns)
+    server = getattr(doctors["v1"], "server", None)
+    if server is not None:  # the server routes; its reply names the stage
+        reply = server.respond(turns, advise_now, controls.max_questions, controls.params["v1"], controls.params["v2"])
+        return reply.model, reply.stage, reply.chunks
     from .router import ChainOfQuestioning
 
     router = ChainOfQuestioning(doctors["v1"], doctors["v2"], max_questions=controls.max_questions)
@@ -479,6 +522,9 @@ def _answer(config: AppConfig, served: dict[str, Served], consultation: Consulta
         except torch.OutOfMemoryError:
             _free_memory()
             consultation.fail_reply(OOM_MESSAGE)
+        except RemoteError as exc:  # says which server and what to do; never quotes the patient
+            log.error("reply failed: server error")
+            consultation.fail_reply(f"{exc}。对话已保留，可以点击「重试」。")
         except Exception as exc:  # noqa: BLE001 - any model failure is a message, not a traceback
             log.error("reply failed: %s", type(exc).__name__)  # the exception text may quote the patient
             consultation.fail_reply(FAILED_MESSAGE.format(kind=type(exc).__name__))

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -28,19 +29,22 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
+@contextmanager
+def running_server(tmp_path_factory, *extra: str, env: dict | None = None):
+    """`python -m bianque serve` on tiny models in a subprocess, until the block ends:
+    yields {"url", "log", "v1", "v2"} once /health says ok."""
     from tests.tiny_glm import build_tiny_glm
     from tests.tiny_t5 import build_tiny_t5
 
     v1 = build_tiny_t5(tmp_path_factory.mktemp("v1"))
     v2 = build_tiny_glm(tmp_path_factory.mktemp("v2"))
     port = free_port()
-    env = dict(os.environ, PYTHONPATH=str(ROOT), BIANQUE_API_KEY=KEY, OMP_NUM_THREADS="1")
+    env = dict(os.environ, PYTHONPATH=str(ROOT), BIANQUE_API_KEY=KEY, OMP_NUM_THREADS="1") | (env or {})
     log = tmp_path_factory.mktemp("log") / "server.log"
     with open(log, "w") as out:
         proc = subprocess.Popen([sys.executable, "-m", "bianque", "serve", "--v1-model", str(v1), "--v2-model", str(v2),
-                                 "--device", "cpu", "--port", str(port)], env=env, stdout=out, stderr=subprocess.STDOUT)
+                                 "--device", "cpu", "--port", str(port), *extra], env=env, stdout=out,
+                                stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.time() + 120
@@ -53,10 +57,16 @@ def server(tmp_path_factory):
                 pass
             assert time.time() < deadline, "server did not become ready"
             time.sleep(0.3)
-        yield {"url": url, "log": log}
+        yield {"url": url, "log": log, "v1": v1, "v2": v2}
     finally:
         proc.terminate()
         proc.wait(30)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    with running_server(tmp_path_factory) as s:
+        yield s
 
 
 @pytest.fixture
@@ -175,6 +185,9 @@ BAD = [
     ("logprobs", {"model": "bianque-2.0", "messages": user("a"), "logprobs": True}, None, "logprobs"),
     ("bianque options", {"model": "bianque-coq", "messages": user("a"), "bianque": {"max_questions": -1}}, None,
      "max_questions"),
+    ("top_k", {"model": "bianque-2.0", "messages": user("a"), "top_k": -1}, None, "top_k"),
+    ("model overrides", {"model": "bianque-coq", "messages": user("a"), "bianque": {"advisor": {"top_p": 2}}}, None,
+     "bianque.advisor.top_p"),
 ]
 
 
@@ -290,6 +303,17 @@ def test_load_benchmark_default_model_is_the_first_listed(server):
     done = run_bench(server, "--concurrency", "1", "--requests", "1", "--api-key", KEY, "--max-tokens", "2", "--json")
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["model"] == "bianque-1.0"
+
+
+def test_serve_help_lists_the_variables_it_reads(capsys):
+    from bianque.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["serve", "--help"])
+    text = capsys.readouterr().out
+    for name in ("BIANQUE_API_KEY", "BIANQUE_V1_MODEL", "BIANQUE_V2_DEVICE", "BIANQUE_QUANTIZE", "HF_HUB_OFFLINE"):
+        assert name in text
+    assert "BIANQUE_SERVER" not in text and "--server" not in text
 
 
 def test_percentile():

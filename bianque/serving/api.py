@@ -52,10 +52,22 @@ class ChatMessage(BaseModel):
     bianque: Optional[BianqueStage] = None
 
 
+class ModelOverrides(BaseModel):
+    """bianque-coq only: settings for one of the two models, over the request's top-level ones."""
+    model_config = ConfigDict(extra="forbid")
+    temperature: Optional[float] = Field(default=None, ge=0, le=2)
+    top_p: Optional[float] = Field(default=None, gt=0, le=1)
+    top_k: Optional[int] = Field(default=None, ge=0, le=100_000)
+    max_tokens: Optional[int] = Field(default=None, ge=1, le=8192)
+    seed: Optional[int] = Field(default=None, ge=0, lt=2**63)
+
+
 class BianqueOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
     advise_now: bool = False
     max_questions: Optional[int] = Field(default=None, ge=0, le=100)
+    questioner: Optional[ModelOverrides] = None  # BianQue-1.0's settings
+    advisor: Optional[ModelOverrides] = None  # BianQue-2.0's settings
 
 
 class ChatRequest(BaseModel):
@@ -64,6 +76,7 @@ class ChatRequest(BaseModel):
     messages: list[ChatMessage] = Field(min_length=1)
     temperature: Optional[float] = Field(default=None, ge=0, le=2)
     top_p: Optional[float] = Field(default=None, gt=0, le=1)
+    top_k: Optional[int] = Field(default=None, ge=0, le=100_000)  # an extension, as vLLM's (0: off)
     max_tokens: Optional[int] = Field(default=None, ge=1, le=8192)
     max_completion_tokens: Optional[int] = Field(default=None, ge=1, le=8192)
     seed: Optional[int] = Field(default=None, ge=0, lt=2**63)
@@ -136,6 +149,8 @@ def doctor_params(doctor: Any, req: ChatRequest, turns: list[Turn]) -> Any:
         sampling = replace(sampling, do_sample=req.temperature > 0, temperature=req.temperature or 1.0)
     if req.top_p is not None:
         sampling = replace(sampling, top_p=req.top_p)
+    if req.top_k is not None:
+        sampling = replace(sampling, top_k=req.top_k)
     params = replace(params, sampling=sampling, seed=req.seed)
     limit = req.max_tokens or req.max_completion_tokens
     if limit is None:
@@ -144,6 +159,13 @@ def doctor_params(doctor: Any, req: ChatRequest, turns: list[Turn]) -> Any:
         return replace(params, max_new_tokens=limit)
     # BianQue-2's limit counts prompt + reply: the prompt as the default budget fits it, plus the reply.
     return replace(params, max_length=prompt_tokens(doctor, turns, params) + limit, min_answer_tokens=limit)
+
+
+def with_overrides(req: ChatRequest, overrides: ModelOverrides | None) -> ChatRequest:
+    """The request as one model of bianque-coq sees it: its own settings win over the top-level ones."""
+    if overrides is None:
+        return req
+    return req.model_copy(update=overrides.model_dump(exclude_none=True))
 
 
 def prompt_tokens(doctor: Any, turns: list[Turn], params: Any) -> int:
@@ -188,7 +210,8 @@ class Job:
             return iter(self.doctor.reply(self.turns, self.params))
         opts = self.req.bianque or BianqueOptions()
         max_q = self.server.max_questions if opts.max_questions is None else opts.max_questions
-        params = {k: doctor_params(d, self.req, self.turns) for k, d in doctors.items()}
+        overrides = {"v1": opts.questioner, "v2": opts.advisor}
+        params = {k: doctor_params(d, with_overrides(self.req, overrides[k]), self.turns) for k, d in doctors.items()}
         router = ChainOfQuestioning(doctors["v1"], doctors["v2"], max_questions=max_q)
         reply = router.respond(self.turns, advise_now=opts.advise_now, v1_params=params["v1"], v2_params=params["v2"])
         self.model, self.stage = reply.model, reply.stage
@@ -466,7 +489,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (default: $BIANQUE_API_KEY)")
-    add_settings_arguments(parser)
+    add_settings_arguments(parser, remote=False)
 
 
 def serve(args: argparse.Namespace) -> int:
