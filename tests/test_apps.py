@@ -14,10 +14,13 @@ import torch
 from streamlit.testing.v1 import AppTest
 
 from bianque.prompt import PATIENT, Turn
-from bianque.router import GREETING
-from bianque.session import ADVISE_NOW_TEXT, Consultation
-from bianque.transcript import DISCLAIMER
-from bianque.ui import EMPTY_REPLY
+from bianque.session import Consultation
+
+# What the user reads, written here (not imported from the code under test).
+GREETING = "我是利用人工智能技术，结合大数据训练得到的智能医疗问答模型扁鹊，你可以向我提问。"
+DISCLAIMER = "以下回答由扁鹊健康模型自动生成，仅供参考！"
+ADVISE_NOW_TEXT = "请直接给我建议。"
+EMPTY_REPLY = "*（模型没有生成内容，可以点击「重新生成」）*"
 
 ROOT = Path(__file__).resolve().parents[1]
 V1_APP, V2_APP, COQ_APP = "bianque_v1_app.py", "bianque_v2_app.py", "bianque_v1_v2_app.py"
@@ -452,3 +455,25 @@ def test_coq_app_obeys_the_sidebar_max_questions_box(backend, v1_dir, v2_dir, mo
     assert [m.label for m in doctor] == ["问询 1/1 · BianQue-1.0", "建议 · BianQue-2.0"]
     assert [b[1][0] for b in bubbles(at)[1:] if b[0] == "assistant"] == ["问询 1/1 · BianQue-1.0", "建议 · BianQue-2.0"]
     assert len(backend["v1"].calls) == 1 and len(backend["v2"].calls) == 1
+
+
+def test_every_sidebar_generation_control_reaches_the_models(backend, v1_dir, v2_dir, monkeypatch):
+    from bianque.glm.advisor import V2Params
+    from bianque.sampling import SamplingParams
+    from bianque.t5 import V1Params
+
+    at = start(COQ_APP, monkeypatch, BIANQUE_V1_MODEL=v1_dir, BIANQUE_V2_MODEL=v2_dir)
+    for key, value in {"v1.temperature": 0.3, "v1.top_p": 0.8, "v2.temperature": 0.5, "v2.top_p": 0.6}.items():
+        at.slider(key=key).set_value(value)
+    for key, value in {"v1.top_k": 7, "v1.max_new_tokens": 6, "v1.no_repeat_ngram_size": 2, "v1.max_input_tokens": 300,
+                       "v2.top_k": 9, "v2.max_length": 96, "v2.min_answer_tokens": 20}.items():
+        at.number_input(key=key).set_value(value)
+    backend["v1"].script = ["头疼多久了？"]
+    send(at, "我头疼")
+    at.button(key="advise").click().run()
+    assert not at.exception
+    assert backend["v1"].calls[-1][1] == V1Params(SamplingParams(True, 0.3, 0.8, 7), max_new_tokens=6,
+                                                  no_repeat_ngram_size=2, max_input_tokens=300)
+    assert backend["v2"].calls[-1][1] == V2Params(SamplingParams(True, 0.5, 0.6, 9), max_length=96, min_answer_tokens=20)
+    at.toggle(key="v1.do_sample").set_value(False).run()  # greedy: the sampling sliders are disabled
+    assert at.slider(key="v1.temperature").disabled and at.number_input(key="v1.top_k").disabled

@@ -11,7 +11,9 @@ import pytest
 from bianque.prompt import DOCTOR, PATIENT, Fit, Turn
 from bianque.sampling import SamplingParams
 from bianque.session import ADVICE, QUESTION, Consultation, fit_note, params_dict, reply_label
-from bianque.transcript import DISCLAIMER, TranscriptInfo, to_json, to_markdown, transcript_dict
+from bianque.transcript import TranscriptInfo, to_json, to_markdown, transcript_dict
+
+DISCLAIMER = "以下回答由扁鹊健康模型自动生成，仅供参考！"  # what the reader sees, written here
 
 INFO = TranscriptInfo(
     title="扁鹊 · 测试",
