@@ -228,8 +228,11 @@ def test_two_messages_stream_labels_and_transcript_in_chromium(tiny_models, tmp_
         assert messages[0] in bubbles.nth(1).inner_text() and messages[1] in bubbles.nth(3).inner_text()
         labels = _labels(page)
         assert len(labels) == 2, labels
+        assert labels[0] in ("问询 1/8 · BianQue-1.0", "建议 · BianQue-2.0"), labels
         if labels[0].startswith("建议"):  # once BianQue-2.0 advised, it keeps the consultation
             assert labels[1] == "建议 · BianQue-2.0"
+        else:
+            assert labels[1] in ("问询 2/8 · BianQue-1.0", "建议 · BianQue-2.0"), labels
         assert page.get_by_text("以下回答由扁鹊健康模型自动生成，仅供参考！").count() >= 1
 
         with page.expect_download() as download:
@@ -260,7 +263,12 @@ def test_two_messages_stream_labels_and_transcript_in_chromium(tiny_models, tmp_
         target.mkdir(parents=True, exist_ok=True)
         shutil.copy(shot, target / shot.name)
         (target / "e2e.json").write_text(json.dumps(report, ensure_ascii=False))
-    assert all(x > 0 for x in latencies)
+    # What the user sees: the reply starts streaming soon after Enter. Measured on a busy 2-core
+    # machine: 6.8 s for the first reply (the models' first run, 4.8 s of it in the model) and 0.7 s
+    # for the second; the app's own share (browser, server, script run, render) 2.0 s and 0.5 s.
+    assert len(server) == 2 and all(x >= t["model"] for x, t in zip(latencies, server)), report
+    assert latencies[0] < 30_000 and latencies[1] < 5_000, report
+    assert all(x - t["model"] < 5_000 for x, t in zip(latencies, server)), report  # the app's own share
 
 
 def _open(page, url: str, tokens: str) -> None:
