@@ -170,6 +170,8 @@ def with_overrides(req: ChatRequest, overrides: ModelOverrides | None) -> ChatRe
 
 def prompt_tokens(doctor: Any, turns: list[Turn], params: Any) -> int:
     """Prompt length in the model's tokens."""
+    if hasattr(doctor, "count_prompt_tokens"):  # a model elsewhere (Ray Serve) counts its own
+        return doctor.count_prompt_tokens(turns, params)
     if hasattr(doctor, "prompt_ids"):
         return len(doctor.prompt_ids(turns, params))
     return len(doctor.tokenizer.encode(doctor.prompt(turns, params)))
@@ -177,6 +179,8 @@ def prompt_tokens(doctor: Any, turns: list[Turn], params: Any) -> int:
 
 def completion_tokens(doctor: Any, text: str) -> int:
     """The reply's length in the model's tokens (re-tokenised, without special tokens)."""
+    if hasattr(doctor, "count_completion_tokens"):
+        return doctor.count_completion_tokens(text)
     if hasattr(doctor, "prompt_ids"):
         return doctor.tokenizer.count(text) - 1  # count() includes </s>
     return len(doctor.tokenizer.encode(text, add_special_tokens=False))
@@ -489,6 +493,15 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (default: $BIANQUE_API_KEY)")
+    ray = parser.add_argument_group("Ray Serve (pip install 'bianque[ray]')")
+    ray.add_argument("--ray", action="store_true", help="serve through Ray Serve: model replicas over GPUs and machines")
+    ray.add_argument("--address", help="join this Ray cluster ('auto': the one `ray start` began here; "
+                                       "default: start a local Ray instance)")
+    ray.add_argument("--v1-replicas", type=int, default=1, help="BianQue-1.0 replicas (default 1)")
+    ray.add_argument("--v2-replicas", type=int, default=1, help="BianQue-2.0 replicas (default 1)")
+    ray.add_argument("--gpus-per-replica", type=float, default=None,
+                     help="GPUs each replica reserves, fractions allowed (default: 1 when the device is CUDA, else 0)")
+    ray.add_argument("--cpus-per-replica", type=float, default=1, help="CPUs each replica reserves (default 1)")
     add_settings_arguments(parser, remote=False)
 
 
@@ -506,8 +519,24 @@ def serve(args: argparse.Namespace) -> int:
     if settings.seed is not None:
         torch.manual_seed(settings.seed)
     api_key = args.api_key or os.environ.get("BIANQUE_API_KEY") or None
-    app = create_app(lambda: load_doctors(args.mode, settings), api_key, settings.max_questions)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.ray:
+        return serve_ray(args, settings, api_key)
+    app = create_app(lambda: load_doctors(args.mode, settings), api_key, settings.max_questions)
     log.warning("serving on http://%s:%d (models load in the background; GET /health)", args.host, args.port)
     uvicorn.run(app, host=args.host, port=args.port, access_log=False, log_level="warning")
     return 0
+
+
+def serve_ray(args: argparse.Namespace, settings: Any, api_key: str | None) -> int:
+    if min(args.v1_replicas, args.v2_replicas) < 1 or args.cpus_per_replica < 0 or (args.gpus_per_replica or 0) < 0:
+        raise ValueError("--v1-replicas/--v2-replicas must be at least 1 and --cpus/--gpus-per-replica not negative")
+    try:
+        from .ray_serve import serve_on_ray
+    except ImportError as exc:
+        raise ValueError(f"--ray needs Ray Serve ({exc}): pip install 'ray[serve]>=2.60' "
+                         "(or the project's extra: pip install -e '.[ray]')") from None
+    if args.gpus_per_replica is None:
+        on_cuda = any(str(m.device).startswith(("cuda", "auto")) for m in (settings.v1, settings.v2))
+        args.gpus_per_replica = 1.0 if on_cuda else 0.0
+    return serve_on_ray(args, settings, api_key)
