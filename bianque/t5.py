@@ -28,6 +28,7 @@ from .hub import V1_REPO, resolve_checkpoint
 from .prompt import Fit, Turn, build_prompt, escape_v1, fit_dialogue, unescape_v1, validate_dialogue
 from .sampling import SamplingParams, banned_ngram_tokens, next_token
 from .serving.engine import Engine
+from .serving.reply import EngineLane, Reply, SoloLane, Turns
 from .serving.request import Request
 from .serving.t5_runner import T5Runner
 from .settings import dtype_name, torch_dtype
@@ -265,11 +266,12 @@ class T5Questioner:
                  max_batch: int = 0) -> None:
         """``max_batch`` > 0 serves every ``reply`` through one batching engine (thread-safe: concurrent
         callers share decoder steps, up to ``max_batch`` at a time, the rest wait their turn);
-        0 runs each reply on its own, in the caller's thread."""
+        0 runs replies one at a time in their callers' threads, in arrival order."""
         if max_batch < 0:
             raise ValueError(f"max_batch must be >= 0 (0: no batching), got {max_batch}")
         self.model = model.eval()
         self.engine = Engine(T5Runner(self.model, max_batch)) if max_batch else None
+        self._turns = Turns()
         self.tokenizer = tokenizer
         self.source = source
         self.default_params = default_params or V1Params()
@@ -289,8 +291,9 @@ class T5Questioner:
         prompt = escape_v1(build_prompt(self.fit(turns, params).turns))
         return self.tokenizer.encode(prompt, max_length=params.max_input_tokens)
 
-    def reply(self, turns: Sequence[Turn], params: V1Params | None = None) -> Iterator[str]:
-        """Validate and fit now (errors surface at the call), then stream the reply's text pieces."""
+    def reply(self, turns: Sequence[Turn], params: V1Params | None = None) -> Reply:
+        """Validate and fit now (errors surface at the call), then stream the reply's text pieces
+        (a ``Reply``: iterate it, ``close()`` it to stop, ``ahead()`` for its place in the queue)."""
         validate_dialogue(turns)
         params = params or self.default_params
         ids = self.prompt_ids(turns, params)
@@ -298,14 +301,12 @@ class T5Questioner:
         if params.seed is not None:
             generator = torch.Generator().manual_seed(params.seed)
         if self.engine is None:
-            return self._stream(ids, generate_ids(self.model, ids, params, generator))
-        return self._stream(ids, self._engine_ids(ids, params, generator))
-
-    def _engine_ids(self, ids: list[int], params: V1Params, generator) -> Iterator[int]:
-        """``generate_ids`` through the engine: submitted at the first ``next``, cancelled on ``close``."""
-        start = self.model.config.decoder_start_token_id
-        choose = lambda logits, generated: choose_token(logits, [start, *generated], params, generator)  # noqa: E731
-        yield from self.engine.submit(Request(list(ids), choose, lambda token: token == EOS_ID, params.max_new_tokens))
+            lane = SoloLane(self._turns, lambda: generate_ids(self.model, ids, params, generator))
+        else:
+            start = self.model.config.decoder_start_token_id
+            choose = lambda logits, generated: choose_token(logits, [start, *generated], params, generator)  # noqa: E731
+            lane = EngineLane(self.engine, Request(list(ids), choose, lambda token: token == EOS_ID, params.max_new_tokens))
+        return Reply(lane, lambda tokens: self._stream(ids, tokens))
 
     def _stream(self, ids: list[int], tokens: Iterator[int]) -> Iterator[str]:
         stream, start, count = TextStream(self.tokenizer), time.perf_counter(), 0

@@ -2,10 +2,14 @@
 (`bianque.glm.generate.generate_tokens`) and a plain no-cache forward (float32, tiny GLM)."""
 from __future__ import annotations
 
+import threading
+import time
+
 import pytest
 import torch
 
 from bianque.glm import load_advisor
+from bianque.glm.advisor import GLMAdvisor, V2Params
 from bianque.glm.generate import INVALID_FALLBACK_ID, generate_tokens
 from bianque.prompt import DOCTOR, PATIENT, Turn
 from bianque.sampling import SamplingParams, guard_invalid, next_token
@@ -153,3 +157,131 @@ def test_bad_input_is_refused_clearly(advisor, prompts):
         runner.decode([1], [5])
     with pytest.raises(ValueError, match="gMASK"):
         runner.prefill([0], [[10, 11, advisor.model.config.bos_token_id]])
+
+
+# ---------------------------------------------------------------- the advisor on the engine
+
+def wait_idle(engine, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while not engine.scheduler.idle() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert engine.scheduler.idle()
+
+
+def test_advisor_replies_from_many_threads_share_batched_steps(advisor):
+    """`GLMAdvisor(max_batch=3)`: six threads at once get exactly their solo replies (greedy and
+    seeded sampling, different max_length), steps hold several of them, a reply closed after its
+    first piece leaves within a step, a request whose sampling fails fails alone, no slot leaks."""
+    batched = GLMAdvisor(advisor.model, advisor.tokenizer, "tiny", V2Params(max_length=256), max_batch=3)
+    engine, runner = batched.engine, batched.engine.runner
+    sampled = lambda seed, n: V2Params(SamplingParams(True, 1.0, 1.0, 0), max_length=n, seed=seed)  # noqa: E731
+    jobs = [(DIALOGUES[2], V2Params(GREEDY, max_length=120)), (DIALOGUES[0], V2Params(GREEDY, max_length=256)),
+            (DIALOGUES[4], sampled(1, 200)), (DIALOGUES[1], sampled(2, 256)), (DIALOGUES[3], sampled(0, 120)),
+            (DIALOGUES[5], sampled(3, 256))]
+    expected = ["".join(advisor.reply(d, p)) for d, p in jobs]  # advisor: max_batch 0, one at a time
+    assert all(expected) and len(set(expected)) >= 5 and len({len(e) for e in expected}) >= 4
+
+    all_in, count, lock, sizes = threading.Event(), [0], threading.Lock(), []
+    submit, prefill, decode = engine.submit, runner.prefill, runner.decode
+    n_requests = len(jobs) + 2  # + the early stop + the failing one
+
+    def counting_submit(request):
+        with lock:
+            count[0] += 1
+            if count[0] == n_requests:
+                all_in.set()
+        return submit(request)
+
+    def gated_prefill(slots, prompts):  # the first step waits until every request is queued
+        assert all_in.wait(30), "not every thread submitted its request"
+        return prefill(slots, prompts)
+
+    def recording_decode(slots, tokens):
+        sizes.append(len(slots))
+        return decode(slots, tokens)
+
+    engine.submit, runner.prefill, runner.decode = counting_submit, gated_prefill, recording_decode
+    results, errors, stopped, failed = [None] * len(jobs), [], [], []
+
+    def run(i):
+        try:
+            results[i] = "".join(batched.reply(*jobs[i]))
+        except BaseException as exc:  # surfaced below
+            errors.append(exc)
+
+    def stop_early():
+        reply = batched.reply(DIALOGUES[2], V2Params(GREEDY, max_length=256))  # 116 characters when run out
+        next(reply)
+        request = reply._lane.request
+        reply.close()
+        stopped.append((request, len(request.generated)))
+
+    def fails_alone():  # temperature 1e-40 overflows to inf/nan probabilities inside sampling
+        try:
+            list(batched.reply(DIALOGUES[6], V2Params(SamplingParams(True, 1e-40, 1.0, 0), max_length=256, seed=1)))
+        except RuntimeError as exc:
+            failed.append(exc)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(jobs))]
+    threads += [threading.Thread(target=stop_early), threading.Thread(target=fails_alone)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors and results == expected
+    assert len(failed) == 1
+    assert max(sizes) == 3  # full batches: the replies really shared decode steps
+    wait_idle(engine)
+    (request, at_close), = stopped
+    assert request.cancelled and len(request.generated) <= at_close + 2  # gone within a step
+    assert sorted(engine.scheduler.free) == [0, 1, 2] and runner.lengths == [None] * 3
+    engine.submit, runner.prefill, runner.decode = submit, prefill, decode
+    again = ["".join(batched.reply(d, p)) for d, p in jobs[:3]]
+    assert again == expected[:3]
+
+
+def test_waiting_replies_know_their_place_and_max_length_is_capped(advisor):
+    """max_batch 1: the running reply has no place (None), the waiting ones 0 and 1; one that
+    gives up its place moves the next one up. A max_length beyond the slot capacity is capped."""
+    batched = GLMAdvisor(advisor.model, advisor.tokenizer, "tiny", V2Params(max_length=128), max_batch=1)
+    gate, decode = threading.Event(), batched.engine.runner.decode
+    batched.engine.runner.decode = lambda slots, tokens: (gate.wait(30), decode(slots, tokens))[1]
+    long_greedy = V2Params(GREEDY, max_length=128)
+    first, second, third = (batched.reply(DIALOGUES[2], long_greedy) for _ in range(3))
+    assert first.ahead(10) is None
+    assert (second.ahead(0.05), third.ahead(0.05)) == (0, 1)
+    second.close()
+    assert third.ahead(0.05) == 0
+    gate.set()
+    capped = "".join(batched.reply(DIALOGUES[2], V2Params(GREEDY, max_length=4096)))
+    assert "".join(first) == "".join(third) == capped == "".join(advisor.reply(DIALOGUES[2], long_greedy))
+    wait_idle(batched.engine)
+
+
+def test_solo_advisor_serves_threads_one_at_a_time_in_order(advisor):
+    """max_batch 0: replies take turns in arrival order, each in its caller's thread."""
+    first, second = advisor.reply(DIALOGUES[0], V2Params(GREEDY)), advisor.reply(DIALOGUES[1], V2Params(GREEDY))
+    assert first.ahead(1) is None and second.ahead(0.05) == 0
+    next(first)
+    assert second.ahead(0.05) == 0
+    first.close()
+    assert second.ahead(1) is None
+    assert "".join(second) == "".join(advisor.reply(DIALOGUES[1], V2Params(GREEDY)))
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantised_weights_on_the_engine(tmp_path_factory, bits):
+    path = str(build_tiny_glm(tmp_path_factory.mktemp(f"tiny_glm_q{bits}")))
+    solo = load_advisor(path, device="cpu", dtype="float32", quantize=bits)
+    batched = load_advisor(path, device="cpu", dtype="float32", quantize=bits, max_batch=2)
+    assert batched.dtype.endswith(f"int{bits}") and batched.engine.runner.max_batch == 2
+    jobs = [(DIALOGUES[2], V2Params(GREEDY, max_length=96)), (DIALOGUES[4], V2Params(max_length=96, seed=5))]
+    replies, out, live = [batched.reply(*job) for job in jobs], ["", ""], {0, 1}
+    while live:  # interleaved: both run in the same steps
+        for k in sorted(live):
+            piece = next(replies[k], None)
+            if piece is None:
+                live.discard(k)
+            else:
+                out[k] += piece
+    assert out == ["".join(solo.reply(*job)) for job in jobs]

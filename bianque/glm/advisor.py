@@ -17,9 +17,14 @@ import torch
 from ..errors import ModelLoadError
 from ..hub import V2_REPO, resolve_checkpoint
 from ..prompt import PATIENT, Fit, Turn, build_prompt, fit_dialogue, validate_dialogue
-from ..sampling import SamplingParams
+from ..sampling import SamplingParams, guard_invalid, next_token
+from ..serving.engine import Engine
+from ..serving.glm_runner import GLMRunner
+from ..serving.reply import EngineLane, Reply, SoloLane, Turns
+from ..serving.request import Request
 from ..settings import dtype_name, torch_dtype
 from .chat import stream_pieces, stream_raw
+from .generate import INVALID_FALLBACK_ID, generate_tokens
 from .model import GLMForCausalLM
 from .tokenizer import GLMTokenizer
 
@@ -70,15 +75,28 @@ class GLMAdvisor:
     name = "BianQue-2.0"
 
     def __init__(self, model: GLMForCausalLM, tokenizer: GLMTokenizer, source: str,
-                 default_params: V2Params | None = None, compile: bool = False) -> None:
+                 default_params: V2Params | None = None, compile: bool = False, max_batch: int = 0) -> None:
+        """`max_batch` > 0 serves every `reply` through one batching engine (GLMRunner: a KV cache
+        of `max_batch` slots x the default `max_length`, allocated here); concurrent callers share
+        decode steps, the rest wait in arrival order. 0 runs replies one at a time in the callers'
+        threads (arrival order too). Either way `reply` may be called from any thread."""
+        if max_batch < 0:
+            raise ValueError(f"max_batch must be >= 0 (0: no batching), got {max_batch}")
         self.model = model.eval()
-        # Every reply on a static KV cache with a torch.compile'd decode step (CUDA graphs on
-        # CUDA), compiled once (warm_up, else the first reply) and reused: the capacity is
-        # max_length whatever the prompt, so only a new max_length compiles again.
-        self.compile = compile
         self.tokenizer = tokenizer
         self.source = source
         self.default_params = default_params or V2Params()
+        # Every solo reply on a static KV cache with a torch.compile'd decode step (CUDA graphs on
+        # CUDA), compiled once (warm_up, else the first reply) and reused: the capacity is
+        # max_length whatever the prompt, so only a new max_length compiles again. The engine's
+        # batched steps are not compiled yet: with max_batch > 0, `compile` is ignored (logged).
+        if compile and max_batch:
+            log.warning("--v2-compile is not supported on the batching engine yet; BianQue-2.0 decodes "
+                        "eagerly with max_batch %d (max_batch 0 gives the compiled one-at-a-time path)", max_batch)
+        self.compile = compile and not max_batch
+        self.engine = (Engine(GLMRunner(self.model, max_batch, self.default_params.max_length))
+                       if max_batch else None)
+        self._turns = Turns()
         weight = model.transformer.final_layernorm.weight  # linears may be quantised or packed
         bits = getattr(model.transformer.layers[0].mlp.dense_h_to_4h, "bits", None)
         # What the sidebar and transcripts show, e.g. "bfloat16" or "bfloat16 · int4".
@@ -108,35 +126,58 @@ class GLMAdvisor:
         """Exactly the query passed to chat (history=None)."""
         return build_prompt(self.fit(turns, params).turns)
 
-    def reply(self, turns: Sequence[Turn], params: V2Params | None = None) -> Iterator[str]:
-        """Validate and fit now (errors surface at the call), then stream the reply's text pieces."""
+    @property
+    def capacity(self) -> int | None:
+        """Prompt + answer tokens one engine slot holds (None without the engine)."""
+        return self.engine.runner.capacity if self.engine is not None else None
+
+    def reply(self, turns: Sequence[Turn], params: V2Params | None = None) -> Reply:
+        """Validate and fit now (errors surface at the call), then stream the reply's text pieces
+        (a `Reply`: iterate it, `close()` it to stop, `ahead()` for its place in the queue). On the
+        engine a `max_length` beyond the slot capacity is lowered to it (the dialogue is fitted to that)."""
         params = params or self.default_params
-        query = self.prompt(turns, params)
+        if self.capacity is not None and params.max_length > self.capacity:
+            params = replace(params, max_length=self.capacity)
+        ids = self.tokenizer.encode(self.prompt(turns, params))
+        if len(ids) >= params.max_length:
+            raise ValueError(f"the prompt is {len(ids)} tokens, no room to answer within max_length={params.max_length}")
         generator = None
         if params.seed is not None and params.sampling.do_sample:
             generator = torch.Generator(device=self.device).manual_seed(params.seed)
-        return self._stream(query, params, generator)
+        budget = params.max_length - len(ids)
+        if self.engine is None:
+            def solo() -> Iterator[int]:
+                input_ids = torch.tensor([ids], device=self.model.input_device)
+                for token in generate_tokens(self.model, input_ids, budget, params.sampling,
+                                             generator=generator, compile=self.compile):
+                    yield int(token[0])
+            lane = SoloLane(self._turns, solo)
+        else:
+            def choose(row: torch.Tensor, generated: list[int]) -> int:
+                return int(next_token(guard_invalid(row[None], INVALID_FALLBACK_ID), params.sampling, generator)[0])
+            eos = self.model.config.eos_token_id
+            lane = EngineLane(self.engine, Request(ids, choose, lambda token: token == eos, budget))
+        return Reply(lane, lambda tokens: self._pieces(len(ids), tokens))
 
-    def _stream(self, query: str, params: V2Params, generator: torch.Generator | None) -> Iterator[str]:
-        start, steps = time.perf_counter(), 0
+    def _pieces(self, prompt_length: int, tokens: Iterator[int]) -> Iterator[str]:
+        start, new = time.perf_counter(), []
 
-        def counted(raw_texts: Iterator[str]) -> Iterator[str]:
-            nonlocal steps
-            for text in raw_texts:
-                steps += 1
-                yield text
+        def decoded() -> Iterator[str]:
+            for token in tokens:
+                new.append(token)
+                yield self.tokenizer.decode(new)
 
-        raw = stream_raw(self.model, self.tokenizer, query, params.max_length, params.sampling, generator=generator,
-                         compile=self.compile)
-        yield from stream_pieces(counted(raw))
-        log.info("v2 reply: %d new tokens, %.2fs on %s", steps, time.perf_counter() - start, self.device)
+        yield from stream_pieces(decoded())
+        log.info("v2 reply: %d input tokens, %d new tokens, %.2fs on %s", prompt_length, len(new),
+                 time.perf_counter() - start, self.device)
 
 
 def load_advisor(model: str = V2_REPO, device: str = "cpu", dtype: str | torch.dtype | None = None,
-                 quantize: int | None = None, compile: bool = False) -> GLMAdvisor:
+                 quantize: int | None = None, compile: bool = False, max_batch: int = 0) -> GLMAdvisor:
     """BianQue-2.0 from a hub id or a local directory, on `device` in `dtype`
     (None: bfloat16 on CPU, float16 on CUDA), optionally with int8/int4 weights; `compile`:
-    decode every reply on a static KV cache with a torch.compile'd step (see generate.py)."""
+    decode every reply on a static KV cache with a torch.compile'd step (see generate.py; solo
+    path only); `max_batch` > 0 batches concurrent replies through the serving engine (see GLMAdvisor)."""
     path = resolve_checkpoint(model, "--v2-model or BIANQUE_V2_MODEL")
     options = {}
     if device == "auto" or "," in device:  # whole blocks spread over several GPUs (placement.py)
@@ -162,8 +203,12 @@ def load_advisor(model: str = V2_REPO, device: str = "cpu", dtype: str | torch.d
     if len(tokenizer) > net.config.vocab_size:
         raise ModelLoadError(f"{path}: ice_text.model has {len(tokenizer)} pieces but the model only "
                              f"{net.config.vocab_size} embeddings; the tokenizer belongs to another checkpoint")
-    advisor = GLMAdvisor(net, tokenizer, source=model, compile=compile)
-    if compile:
+    try:
+        advisor = GLMAdvisor(net, tokenizer, source=model, compile=compile, max_batch=max_batch)
+    except (torch.OutOfMemoryError, MemoryError) as exc:
+        raise ModelLoadError(f"out of memory allocating BianQue-2.0's KV cache for max_batch={max_batch} on {device}; "
+                             "lower --v2-max-batch / BIANQUE_V2_MAX_BATCH") from exc
+    if advisor.compile:
         start = time.perf_counter()
         advisor.warm_up()
         log.info("BianQue-2.0 decode step compiled (warm-up) in %.1f s", time.perf_counter() - start)

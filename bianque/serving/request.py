@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import queue
+import threading
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -21,6 +22,7 @@ class Request:
     cancelled: bool = False
     finished: bool = False
     out: queue.Queue = field(default_factory=queue.Queue)  # token ids, then DONE or an exception
+    started: threading.Event = field(default_factory=threading.Event)  # set once it holds a slot or is done
 
     def emit(self, token: int) -> None:
         self.out.put(token)
@@ -29,3 +31,4 @@ class Request:
         if not self.finished:
             self.finished = True
             self.out.put(DONE if error is None else error)
+            self.started.set()

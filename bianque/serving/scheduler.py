@@ -25,6 +25,7 @@ class Scheduler:
             request = self.waiting.popleft()
             request.slot = self.free.pop()
             self.running[request.slot] = request
+            request.started.set()
             admitted.append(request)
         return admitted
 
