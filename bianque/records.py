@@ -340,9 +340,9 @@ class RecordStore:
     def export_dialogues(self, ids: Iterable[int] | None = None) -> list[dict]:
         """Recorded dialogues as ``bianque.data build`` reads them: {"id", "turns": [{role, text, ...}]}.
 
-        Turns are kept as recorded (with their feedback alongside); a dialogue is cut before a
-        turn that would break the patient/doctor alternation (e.g. a failed reply), and dialogues
-        without a doctor reply are left out.
+        Turns are the dialogue as the patient last saw it (see _alternating: failed replies left
+        out, regenerated replies replaced, joined patient messages joined), with their feedback
+        alongside; dialogues without a doctor reply are left out.
         """
         out = []
         for cid in (self.consultation_ids() if ids is None else ids):
@@ -410,11 +410,24 @@ class _Guard:
 
 
 def _alternating(rows: list[dict]) -> list[dict]:
-    kept = []
+    """The dialogue as the patient last saw it, alternating patient/doctor from a patient turn.
+
+    Recorded turns follow the app: a failed reply or one stopped before its first character is
+    left out; a patient turn following another is what the app joined to it (sent after a failed
+    reply); a doctor reply following another replaced it (regenerated). A turn of neither kind
+    that breaks the alternation cuts the dialogue there.
+    """
+    kept: list[dict] = []
     for t in rows:
+        if t["role"] == DOCTOR and (t.get("failed") or not t["text"].strip()):
+            continue
+        if kept and t["role"] == kept[-1]["role"]:
+            if t["role"] == PATIENT:
+                kept[-1] = {**kept[-1], "text": f"{kept[-1]['text']}\n{t['text']}"}
+            else:
+                kept[-1] = t
+            continue
         if t["role"] != (PATIENT, DOCTOR)[len(kept) % 2]:
-            break
-        if t["role"] == DOCTOR and t.get("failed") and not t["text"].strip():
             break
         kept.append(t)
     return kept

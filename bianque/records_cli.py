@@ -12,12 +12,14 @@
 from __future__ import annotations
 
 import argparse
+import csv
+import io
 import json
 import sys
 from pathlib import Path
 from typing import Sequence, TextIO
 
-from .data import write_csv
+from .data import INPUT_COLUMN, TARGET_COLUMN
 from .records import DEFAULT_URL, RecordsError, open_store, parse_age
 
 
@@ -32,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--json", action="store_true")
     exp = sub.add_parser("export", help="fine-tuning rows (csv) or dialogues (jsonl)")
     exp.add_argument("--format", choices=("csv", "jsonl"), default="csv")
-    exp.add_argument("--out", type=Path, required=True, help="file to write")
+    exp.add_argument("--out", type=Path, help="file to write (default: standard output)")
     rm = sub.add_parser("delete", help="really delete a consultation, its turns and feedback")
     rm.add_argument("id", type=int)
     purge = sub.add_parser("purge", help="delete consultations older than an age (retention)")
@@ -88,16 +90,13 @@ def run(store, args: argparse.Namespace, age, out: TextIO) -> int:
                     out.write(f"  [{fb['rating'] or '-'}] better question: {fb['better_question'] or '-'}; "
                               f"advise now: {fb['advise_now']}; comment: {fb['comment'] or '-'}\n")
     elif args.action == "export":
-        if args.format == "csv":
-            n = write_csv(args.out, store.export_rows())
-            sys.stderr.write(f"{args.out}: {n} rows\n")
+        text, count = export_text(store, args.format)
+        if args.out is None:
+            out.write(text)
         else:
-            dialogues = store.export_dialogues()
             args.out.parent.mkdir(parents=True, exist_ok=True)
-            with args.out.open("w", encoding="utf-8", newline="\n") as f:
-                for d in dialogues:
-                    f.write(json.dumps(d, ensure_ascii=False) + "\n")
-            sys.stderr.write(f"{args.out}: {len(dialogues)} dialogues\n")
+            args.out.write_bytes(text.encode("utf-8"))
+            sys.stderr.write(f"{args.out}: {count} {'rows' if args.format == 'csv' else 'dialogues'}\n")
     elif args.action == "delete":
         if not store.delete_consultation(args.id):
             raise RecordsError(f"no consultation {args.id}")
@@ -105,6 +104,21 @@ def run(store, args: argparse.Namespace, age, out: TextIO) -> int:
     else:
         sys.stderr.write(f"deleted {store.purge(age)} consultations older than {args.older_than}\n")
     return 0
+
+
+def export_text(store, fmt: str) -> tuple[str, int]:
+    """The export as text, and its number of rows (csv) or dialogues (jsonl): what ``export``
+    writes and what the review page downloads. The CSV is exactly what bianque.data.write_csv
+    writes (``input,target``, UTF-8, quoted where needed), which bianque.finetune reads."""
+    if fmt == "csv":
+        buffer = io.StringIO(newline="")
+        writer = csv.writer(buffer)
+        writer.writerow([INPUT_COLUMN, TARGET_COLUMN])
+        rows = store.export_rows()
+        writer.writerows([ex.input, ex.target] for ex in rows)
+        return buffer.getvalue(), len(rows)
+    dialogues = store.export_dialogues()
+    return "".join(json.dumps(d, ensure_ascii=False) + "\n" for d in dialogues), len(dialogues)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,9 @@ import torch
 from .hub import V1_REPO, V2_REPO
 
 DEFAULT_MAX_QUESTIONS = 8
+# Recording is opt-in: --record alone or BIANQUE_RECORD=1 means this SQLite file in the working
+# directory (the same default as bianque.records.DEFAULT_URL, kept here so settings stay light).
+DEFAULT_RECORD_URL = "sqlite:///bianque-records.db"
 DTYPES = {
     "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
     "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
@@ -40,6 +43,7 @@ class Settings:
     max_questions: int = DEFAULT_MAX_QUESTIONS
     server: str | None = None  # a running `python -m bianque serve` answers instead of local models
     api_key: str | None = field(default=None, repr=False)
+    record: str | None = None  # a SQLAlchemy URL while consultations are recorded, else None
 
 
 def add_settings_arguments(parser: argparse.ArgumentParser, remote: bool = True) -> None:
@@ -64,6 +68,12 @@ def add_settings_arguments(parser: argparse.ArgumentParser, remote: bool = True)
     parser.add_argument("--max-questions", type=int)
 
 
+def add_record_argument(parser: argparse.ArgumentParser) -> None:
+    """``--record [URL]``: record consultations (the apps; see bianque.records)."""
+    parser.add_argument("--record", nargs="?", const=DEFAULT_RECORD_URL, metavar="URL",
+                        help=f"record consultations in this SQLAlchemy database (alone: {DEFAULT_RECORD_URL})")
+
+
 # Every environment variable the CLI and the apps read, for `--help` (new settings join here).
 ENV_VARS = {
     "BIANQUE_V1_MODEL": "BianQue-1.0 hub id or directory (--v1-model)",
@@ -80,6 +90,7 @@ ENV_VARS = {
     "BIANQUE_MAX_QUESTIONS": "questions before the advice (--max-questions)",
     "BIANQUE_SERVER": "URL of a running `bianque serve` to answer instead of local models (--server)",
     "BIANQUE_API_KEY": "the server's API key (--api-key)",
+    "BIANQUE_RECORD": f"1 or a database URL: record consultations (--record; 1 means {DEFAULT_RECORD_URL})",
 }
 # Read by huggingface_hub wherever a hub id is resolved or downloaded.
 HUB_ENV_VARS = {
@@ -135,6 +146,7 @@ def settings_from_args(ns: argparse.Namespace, env: Mapping[str, str] | None = N
         max_questions=DEFAULT_MAX_QUESTIONS if max_q is None else max_q,
         server=check_server(*pick(("--server", getattr(ns, "server", None)), var("BIANQUE_SERVER"))),
         api_key=pick(("--api-key", getattr(ns, "api_key", None)), var("BIANQUE_API_KEY"))[0],
+        record=record_url(getattr(ns, "record", None), env.get("BIANQUE_RECORD")),
     )
 
 
@@ -142,6 +154,20 @@ def check_server(url: str | None, knob: str | None) -> str | None:
     if url is not None and not str(url).startswith(("http://", "https://")):
         raise ValueError(f"{knob}={url!r} is not a server URL: use http://HOST:PORT, e.g. http://127.0.0.1:8000")
     return url
+
+
+def record_url(flag: str | None, variable: str | None) -> str | None:
+    """The records database from ``--record [URL]`` or ``BIANQUE_RECORD`` (1/true/on: the default
+    file; 0/false/off or unset: not recording); None when consultations are not recorded."""
+    value = flag if flag not in (None, "") else (variable or "").strip()
+    if not value or value.lower() in ("0", "false", "no", "off"):
+        return None
+    if value.lower() in ("1", "true", "yes", "on"):
+        return DEFAULT_RECORD_URL
+    if "://" not in value and ":///" not in value:
+        raise ValueError(f"{'--record' if flag else 'BIANQUE_RECORD'}={value!r} is not a database URL: use 1 "
+                         f"(for {DEFAULT_RECORD_URL}), sqlite:///path.db or postgresql://user@host/db")
+    return value
 
 
 def check_device(name: str | None, knob: str | None = None) -> None:
@@ -166,6 +192,7 @@ def parse_settings(argv: Sequence[str] | None = None, env: Mapping[str, str] | N
     """Settings from ``argv`` (the arguments after ``--`` of ``streamlit run``) and ``env``."""
     parser = argparse.ArgumentParser(prog="bianque", add_help=False)
     add_settings_arguments(parser)
+    add_record_argument(parser)
     ns, unknown = parser.parse_known_args(list(argv or []))
     if unknown:
         raise ValueError(f"unknown arguments: {' '.join(unknown)}")

@@ -16,6 +16,7 @@ import threading
 import time
 import traceback
 from contextlib import contextmanager
+from datetime import datetime, timedelta, timezone
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Sequence
 
@@ -31,6 +32,8 @@ from .session import (
 )
 from .settings import Settings, parse_settings
 from .transcript import DISCLAIMER, TranscriptInfo, to_json, to_markdown
+from . import review
+from .records_session import RecordingSession, settings_info
 
 log = logging.getLogger(__name__)
 
@@ -323,12 +326,14 @@ def _sidebar(config: AppConfig, served: dict[str, Served], settings: Settings) -
 
 def _downloads(config: AppConfig, served: dict[str, Served], consultation: Consultation, controls: Controls) -> None:
     info = transcript_info(config, served, controls.max_questions)
+    recording = _current_recording()
+    feedback = recording.feedback_by_index(consultation) if recording is not None else None
     with st.sidebar:
         st.markdown("**下载问诊记录**")
         left, right = st.columns(2)
-        left.download_button("Markdown", to_markdown(consultation, info), "bianque-transcript.md",
+        left.download_button("Markdown", to_markdown(consultation, info, feedback=feedback), "bianque-transcript.md",
                              "text/markdown", key="download_md", on_click="ignore", icon=":material/description:")
-        right.download_button("JSON", to_json(consultation, info), "bianque-transcript.json",
+        right.download_button("JSON", to_json(consultation, info, feedback=feedback), "bianque-transcript.json",
                               "application/json", key="download_json", on_click="ignore", icon=":material/data_object:")
 
 
@@ -407,6 +412,7 @@ def _render_message(message: Message, earlier: Sequence[str] = ()) -> None:
         st.caption(message.label or "")
         st.markdown(message.text or EMPTY_REPLY)
         _reply_footer(message)
+        review.reply_feedback(_current_recording(), message)
 
 
 def _reply_footer(message: Message) -> None:
@@ -533,6 +539,7 @@ def _answer(config: AppConfig, served: dict[str, Served], consultation: Consulta
             if consultation.pending is not None:
                 consultation.finish_reply(stopped=not completed)
             _log_reply(message, timing, completed)
+            _record_reply(consultation, message, timing)
     stop.empty()
 
 
@@ -576,7 +583,7 @@ def run_app(config: AppConfig, argv: Sequence[str] | None = None) -> None:
     st.set_page_config(page_title=config.page_title, page_icon=config.icon, layout="centered")
     try:
         with one_run_at_a_time(st.session_state):
-            _run(config, argv)
+            _pages(config, argv)
     except Exception as exc:  # noqa: BLE001 - Streamlit's rerun/stop are BaseExceptions and pass through
         # The traceback's frames only: an exception's message may quote the patient.
         log.error("app run failed: %s\n%s", type(exc).__name__, "".join(traceback.format_tb(exc.__traceback__)))
@@ -591,11 +598,68 @@ def _run(config: AppConfig, argv: Sequence[str] | None) -> None:
     served = _load(config, settings)
     consultation = _consultation()
     controls = _sidebar(config, served, settings)
+    recording = _recording(config, served, settings, controls, consultation)
     prompt = st.chat_input(config.placeholder, key="prompt", max_chars=MAX_MESSAGE_CHARS)
+    review.recording_banner(recording, bool(consultation.messages))
     advise_now = _take_request(prompt, consultation)
+    if recording is not None:
+        recording.patient_turns(consultation)
     _render_history(consultation)
     if advise_now is not None:
         _answer(config, served, consultation, controls, advise_now, started)
         st.rerun()  # redraw controls and downloads for the finished dialogue
     _controls(config, consultation)
     _downloads(config, served, consultation, controls)
+
+
+# ---------------------------------------------------------------- recording (opt-in: --record / BIANQUE_RECORD)
+
+REVIEW_PAGE = "bianque_records_page.py"  # next to the app scripts: the page "问诊记录"
+
+
+def _pages(config: AppConfig, argv: Sequence[str] | None) -> None:
+    """The chat alone, or, in an app that records, the chat and the review page "问诊记录"."""
+    try:
+        record = parse_settings(sys.argv[1:] if argv is None else argv).record
+    except ValueError:
+        record = None  # the chat page shows the error
+    if record is None:
+        _run(config, argv)
+        return
+
+    def chat() -> None:
+        _run(config, argv)
+
+    st.navigation([
+        st.Page(chat, title="问诊", icon=":material/chat:", default=True),
+        st.Page(REVIEW_PAGE, title=review.PAGE_TITLE, icon=":material/fact_check:", url_path="records"),
+    ]).run()
+
+
+def _recording(config: AppConfig, served: dict[str, Served], settings: Settings, controls: Controls,
+               consultation: Consultation) -> RecordingSession | None:
+    info = transcript_info(config, served, controls.max_questions)
+    max_questions = controls.max_questions if config.mode == "coq" else None
+    return review.recording_session(consultation, settings.record, config.mode, info.models,
+                                    settings_info(settings, config.kinds, max_questions))
+
+
+def _current_recording() -> RecordingSession | None:
+    found = st.session_state.get(review.RECORDING_KEY)
+    if found is None or found[0] is not st.session_state.get(STATE_KEY):
+        return None
+    return found[1]
+
+
+def _record_reply(consultation: Consultation, message: Message, timing: _Timing) -> None:
+    """Write the reply as it ended (no Streamlit call: this may run while a Stop unwinds the run)."""
+    recording = _current_recording()
+    if recording is None:
+        return
+    now = time.perf_counter()
+    finished = datetime.now(timezone.utc).replace(tzinfo=None)
+    started = finished - timedelta(seconds=now - timing.started)
+    first = None if timing.first_chunk is None else (timing.first_chunk - timing.started) * 1000
+    shown = any(m is message for m in consultation.messages)
+    recording.doctor_turn(message, shown=shown, failed=not shown and consultation.error is not None,
+                          started_at=started, finished_at=finished, first_chunk_ms=first)
