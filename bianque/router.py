@@ -404,12 +404,29 @@ def load_labelled(path: str) -> list[dict[str, Any]]:
     return rows
 
 
+def ms_per_turn(texts: Sequence[str], passes: int = 3) -> float:
+    """Milliseconds ``question_reason`` takes per text: the mean over ``texts`` of the fastest of
+    ``passes`` passes (the fastest pass is the least disturbed by other work on the machine)."""
+    import time
+
+    best = float("inf")
+    for _ in range(passes):
+        start = time.perf_counter()
+        for text in texts:
+            question_reason(text)
+        best = min(best, time.perf_counter() - start)
+    return 1000 * best / max(1, len(texts))
+
+
 def _report(path: str, show_errors: bool) -> str:
     rows = load_labelled(path)
     lines = [f"{path}: {len(rows)} turns", "detector             subset   n    accuracy precision recall"]
     for name, detector in (("is_question", is_question), ("is_question_original", is_question_original)):
         for subset, s in evaluate(rows, detector).items():
             lines.append(f"{name:20} {subset:8} {s['n']:<4} {s['accuracy']:.3f}    {s['precision']:.3f}     {s['recall']:.3f}")
+    mean_chars = sum(len(r["text"]) for r in rows) / max(1, len(rows))
+    lines.append(f"speed: is_question {ms_per_turn([r['text'] for r in rows]):.3f} ms per turn "
+                 f"(mean of {len(rows)} turns, {mean_chars:.0f} characters on average; fastest of 3 passes)")
     if show_errors:  # labelled development data, not patient text
         for i, row in enumerate(rows, 1):
             decided, reason = question_reason(row["text"])
