@@ -67,3 +67,28 @@ def test_empty_reply_is_dropped_with_a_message(monkeypatch, capsys):
     assert "（模型没有生成内容，请再试一次）" in out.out
     # the unanswered message was dropped, so the dialogue still alternates for the next one
     assert calls[1][0] == [("patient", "还是头晕", None)]
+
+
+def test_ctrl_c_closes_the_reply_stream_so_generation_stops(monkeypatch, capsys):
+    class Stream:
+        """A reply stream (like the engine's) whose close() cancels generation."""
+
+        def __init__(self):
+            self.sent, self.closed = 0, False
+
+        def __iter__(self):
+            return self
+
+        def __next__(self):
+            self.sent += 1
+            if self.sent == 1:
+                return "咳嗽"
+            raise KeyboardInterrupt  # Ctrl-C while waiting for the next chunk
+
+        def close(self):
+            self.closed = True
+
+    stream = Stream()
+    rc, calls, out = _drive(monkeypatch, capsys, ["我咳嗽", EOFError()], lambda turns, advise: stream)
+    assert rc == 0 and "咳嗽 ［已停止］\n" in out.out
+    assert stream.closed and stream.sent == 2
