@@ -25,7 +25,6 @@ import json
 import re
 import statistics
 import sys
-import threading
 import time
 import warnings
 from collections import Counter
@@ -357,34 +356,27 @@ class Generated:
     handover: str | None = None  # coq: why v1's reply was not shown
 
 
-class Serialised:
-    """A doctor whose replies run one at a time (the advisor is not shared by threads here)."""
-
-    def __init__(self, doctor: Any) -> None:
-        self.doctor, self.lock = doctor, threading.Lock()
-        self.default_params, self.source = doctor.default_params, doctor.source
-
-    def reply(self, turns: Sequence[Turn], params: Any = None) -> Iterable[str]:
-        with self.lock:
-            return iter(list(self.doctor.reply(turns, params)))
-
-
 def load_doctors(mode: str, settings: Any, batch: int) -> dict[str, Any]:
-    """The models this mode needs; with ``batch`` > 1 BianQue-1.0 answers through the batching engine."""
-    doctors = {}
+    """The models this mode needs: a running server's (``--server``) or local ones; with ``batch`` > 1
+    local models answer through the batching engine, ``batch`` replies at a time."""
+    if settings.server:
+        from .cli import remote_doctors
+
+        return remote_doctors(mode, settings)
+    doctors, max_batch = {}, batch if batch > 1 else 0
     if mode in ("v1", "coq"):
         from .t5 import load_questioner
 
         s = settings.v1
         _say(f"loading BianQue-1.0 from {s.model} on {s.device} ...")
-        doctors["v1"] = load_questioner(s.model, device=s.device, dtype=s.dtype, max_batch=batch if batch > 1 else 0)
+        doctors["v1"] = load_questioner(s.model, device=s.device, dtype=s.dtype, max_batch=max_batch)
     if mode in ("v2", "coq"):
         from .glm import load_advisor
 
         s = settings.v2
         _say(f"loading BianQue-2.0 from {s.model} on {s.device} ...")
-        advisor = load_advisor(s.model, device=s.device, dtype=s.dtype, quantize=s.quantize, compile=s.compile)
-        doctors["v2"] = Serialised(advisor) if batch > 1 else advisor
+        doctors["v2"] = load_advisor(s.model, device=s.device, dtype=s.dtype, quantize=s.quantize, compile=s.compile,
+                                     max_batch=max_batch)
     return doctors
 
 
@@ -399,6 +391,14 @@ def make_system(mode: str, doctors: dict[str, Any], args: argparse.Namespace, ma
         return lambda history: Generated("".join(bound[mode].reply(list(history))), mode)
     from .router import ChainOfQuestioning
 
+    server = getattr(doctors["v1"], "server", None)
+    if server is not None:  # a server routes itself; its reply names the stage and the model
+
+        def remote(history: Sequence[Turn]) -> Generated:
+            reply = server.respond(list(history), False, max_questions, bound["v1"].params, bound["v2"].params)
+            return Generated("".join(reply.chunks), reply.model, reply.stage)
+
+        return remote
     router = ChainOfQuestioning(bound["v1"], bound["v2"], max_questions=max_questions)
 
     def system(history: Sequence[Turn]) -> Generated:
@@ -610,7 +610,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", type=Path, required=True, help="output folder (created; must not hold a run)")
     parser.add_argument("--limit", type=int, help="evaluate only the first N doctor positions, in file order")
     parser.add_argument("--batch", type=int, default=1,
-                        help="BianQue-1.0 replies generated together through the batching engine (default 1)")
+                        help="replies generated together: through the batching engine, or requests at once "
+                             "to --server (default 1)")
     parser.add_argument("--force", action="store_true", help="overwrite the outputs of an earlier run in --out")
     parser.add_argument("--compare", nargs=2, type=Path, metavar=("A", "B"),
                         help="put two evaluation folders side by side (no model is loaded)")
@@ -651,8 +652,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     torch.manual_seed(seed)
     doctors = load_doctors(args.mode, settings, args.batch)
     system = make_system(args.mode, doctors, args, settings.max_questions, seed)
-    workers = args.batch if args.mode in ("v1", "coq") else 1
-    results = replay(positions, system, workers)
+    results = replay(positions, system, args.batch)
     summary = {"data": str(args.data), "format": loaded.format, "mode": args.mode, "seed": seed,
                "limit": args.limit, "models": {v: d.source for v, d in doctors.items()},
                **summarise(results, loaded)}
@@ -665,6 +665,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     from .errors import ModelLoadError
+    from .serving.remote import RemoteError
 
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -677,7 +678,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             _say(f"wrote {args.out}/compare.md, compare.json, compare.png")
             return 0
         summary = run(args)
-    except (DataError, ModelLoadError, ValueError) as exc:
+    except (DataError, ModelLoadError, RemoteError, ValueError) as exc:
         _say(f"error: {exc}")
         return 2
     _say(f"wrote {args.out}/results.jsonl, summary.json, report.md: n={summary['n']} skipped={summary['skipped']} "
