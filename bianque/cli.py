@@ -138,13 +138,14 @@ def load_doctors(mode: str, settings: Settings) -> dict:
 
         s = settings.v1
         print(f"loading BianQue-1.0 from {s.model} on {s.device} ...", file=sys.stderr)
-        doctors["v1"] = load_questioner(s.model, device=s.device, dtype=s.dtype)
+        doctors["v1"] = load_questioner(s.model, device=s.device, dtype=s.dtype, max_batch=s.max_batch)
     if mode in ("v2", "coq"):
         from .glm import load_advisor
 
         s = settings.v2
         print(f"loading BianQue-2.0 from {s.model} on {s.device} ...", file=sys.stderr)
-        doctors["v2"] = load_advisor(s.model, device=s.device, dtype=s.dtype, quantize=s.quantize, compile=s.compile)
+        doctors["v2"] = load_advisor(s.model, device=s.device, dtype=s.dtype, quantize=s.quantize, compile=s.compile,
+                                     max_batch=s.max_batch)
     return doctors
 
 
@@ -196,7 +197,7 @@ def make_responder(mode: str, doctors: dict, args: argparse.Namespace, max_quest
 
 
 def chat(args: argparse.Namespace) -> int:
-    settings = settings_from_args(args)
+    settings = settings_from_args(args, max_batch=1)  # one user: one engine slot unless asked for more
     if settings.seed is not None:
         torch.manual_seed(settings.seed)
     doctors = remote_doctors(args.mode, settings) if settings.server else load_doctors(args.mode, settings)

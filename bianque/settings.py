@@ -19,6 +19,10 @@ DEFAULT_MAX_QUESTIONS = 8
 # Recording is opt-in: --record alone or BIANQUE_RECORD=1 means this SQLite file in the working
 # directory (the same default as bianque.records.DEFAULT_URL, kept here so settings stay light).
 DEFAULT_RECORD_URL = "sqlite:///bianque-records.db"
+# Replies one loaded model generates at once (the serving engine's slots; 0: one at a time, no
+# engine). More wait in arrival order. Each slot's KV cache is allocated at load.
+DEFAULT_MAX_BATCH = {"cpu": 4, "cuda": 8}
+MAX_MAX_BATCH = 256
 DTYPES = {
     "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
     "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
@@ -33,6 +37,7 @@ class ModelSettings:
     dtype: str | None = None  # None: the per-model default for the device (see torch_dtype)
     quantize: int | None = None
     compile: bool = False  # v2 only: static KV cache + torch.compile'd decode step (CUDA graphs on CUDA)
+    max_batch: int = 0  # concurrent replies on the serving engine; 0: one at a time (see DEFAULT_MAX_BATCH)
 
 
 @dataclass(frozen=True)
@@ -62,6 +67,10 @@ def add_settings_arguments(parser: argparse.ArgumentParser, remote: bool = True)
     parser.add_argument("--v1-dtype")
     parser.add_argument("--v2-dtype")
     parser.add_argument("--quantize", type=int, choices=(4, 8), help="weight-only int4/int8 for BianQue-2")
+    parser.add_argument("--max-batch", help="replies each model generates at once on the batching engine "
+                                            "(default 4 on CPU, 8 on CUDA; 0: one at a time)")
+    parser.add_argument("--v1-max-batch")
+    parser.add_argument("--v2-max-batch")
     parser.add_argument("--v2-compile", action="store_true", default=None,
                         help="BianQue-2: static KV cache and a torch.compile'd decode step (CUDA graphs on CUDA)")
     parser.add_argument("--seed", type=int)
@@ -85,6 +94,9 @@ ENV_VARS = {
     "BIANQUE_V1_DTYPE": "dtype for BianQue-1.0 (--v1-dtype)",
     "BIANQUE_V2_DTYPE": "dtype for BianQue-2.0 (--v2-dtype)",
     "BIANQUE_QUANTIZE": "4 or 8: weight-only int4/int8 BianQue-2.0 (--quantize)",
+    "BIANQUE_MAX_BATCH": "replies each model generates at once; 0: one at a time (--max-batch)",
+    "BIANQUE_V1_MAX_BATCH": "the same for BianQue-1.0 (--v1-max-batch)",
+    "BIANQUE_V2_MAX_BATCH": "the same for BianQue-2.0 (--v2-max-batch)",
     "BIANQUE_V2_COMPILE": "1: compiled BianQue-2.0 decode step (--v2-compile)",
     "BIANQUE_SEED": "random seed (--seed)",
     "BIANQUE_MAX_QUESTIONS": "questions before the advice (--max-questions)",
@@ -108,9 +120,11 @@ def env_help(names: Sequence[str] | None = None) -> str:
     return "environment variables (a flag wins over its variable):\n" + "\n".join(rows)
 
 
-def settings_from_args(ns: argparse.Namespace, env: Mapping[str, str] | None = None) -> Settings:
+def settings_from_args(ns: argparse.Namespace, env: Mapping[str, str] | None = None,
+                       max_batch: int | None = None) -> Settings:
     """Resolve every setting, then validate each one naming the flag or variable it came from,
-    before any model is loaded."""
+    before any model is loaded. `max_batch`: the default when no flag or variable sets it (None:
+    DEFAULT_MAX_BATCH for the device; the one-user CLI passes 1)."""
     env = os.environ if env is None else env
 
     def pick(*candidates: tuple[str, object]) -> tuple[object, str | None]:
@@ -129,9 +143,13 @@ def settings_from_args(ns: argparse.Namespace, env: Mapping[str, str] | None = N
         dtype, dtype_knob = pick(flag(f"{v}_dtype"), flag("dtype"), var(f"BIANQUE_{up}_DTYPE"), var("BIANQUE_DTYPE"))
         check_device(device, device_knob)
         _check_dtype(dtype, dtype_knob)
+        device = device or default_device()
+        batch = _max_batch(*pick(flag(f"{v}_max_batch"), flag("max_batch"), var(f"BIANQUE_{up}_MAX_BATCH"),
+                                 var("BIANQUE_MAX_BATCH")))
         return ModelSettings(
             model=pick(flag(f"{v}_model"), var(f"BIANQUE_{up}_MODEL"))[0] or repo,
-            device=device or default_device(), dtype=dtype, quantize=quantize, compile=compile,
+            device=device, dtype=dtype, quantize=quantize, compile=compile,
+            max_batch=batch if batch is not None else max_batch if max_batch is not None else default_max_batch(device),
         )
 
     quantize = _int(*pick(flag("quantize"), var("BIANQUE_QUANTIZE")))
@@ -206,6 +224,19 @@ def _int(value: object, knob: str | None) -> int | None:
         return int(value)
     except (TypeError, ValueError):
         raise ValueError(f"{knob} must be an integer, got {value!r}") from None
+
+
+def _max_batch(value: object, knob: str | None) -> int | None:
+    batch = _int(value, knob)
+    if batch is not None and not 0 <= batch <= MAX_MAX_BATCH:
+        raise ValueError(f"{knob} must be between 0 (one reply at a time) and {MAX_MAX_BATCH}, got {batch}")
+    return batch
+
+
+def default_max_batch(device: str) -> int:
+    """DEFAULT_MAX_BATCH for the model's (first) device; a GPU list or "auto" means CUDA."""
+    first = str(device).split(",")[0].strip()
+    return DEFAULT_MAX_BATCH["cuda" if first == "auto" or torch.device(first).type == "cuda" else "cpu"]
 
 
 def _flag(value: str | None, name: str) -> bool:

@@ -28,6 +28,7 @@ from .hub import V1_REPO, resolve_checkpoint
 from .prompt import Fit, Turn, build_prompt, escape_v1, fit_dialogue, unescape_v1, validate_dialogue
 from .sampling import SamplingParams, banned_ngram_tokens, next_token
 from .serving.engine import Engine
+from .serving.runner import check_kv_memory
 from .serving.reply import EngineLane, Reply, SoloLane, Turns
 from .serving.request import Request
 from .serving.t5_runner import T5Runner
@@ -337,8 +338,25 @@ def load_questioner(model: str = V1_REPO, device: str = "cpu", dtype: str | None
     except (RuntimeError, AssertionError) as exc:  # no such CUDA device, out of memory, ...
         raise ModelLoadError(f"could not move BianQue-1.0 to {device}: {str(exc).splitlines()[0]}; "
                              "pick another --v1-device or --v1-dtype") from exc
+    if max_batch > 0:
+        check_kv_memory(slot_bytes(net, V1Params()), max_batch, "BianQue-1.0",
+                        "--v1-max-batch (or --max-batch, BIANQUE_V1_MAX_BATCH, BIANQUE_MAX_BATCH)")
     log.info("loaded BianQue-1.0 from %s on %s (%s)", path, device, dtype_name(next(net.parameters()).dtype))
-    return T5Questioner(net, tokenizer, source=model, max_batch=max_batch)
+    try:
+        return T5Questioner(net, tokenizer, source=model, max_batch=max_batch)
+    except (torch.OutOfMemoryError, MemoryError) as exc:
+        raise ModelLoadError(f"out of memory allocating BianQue-1.0's KV cache for max_batch={max_batch} on "
+                             f"{device}; lower --v1-max-batch / BIANQUE_V1_MAX_BATCH") from exc
+
+
+def slot_bytes(model, params: V1Params) -> dict[torch.device, int]:
+    """Bytes of one engine slot's keys and values at most: self-attention over ``max_new_tokens``
+    and cross-attention over ``max_input_tokens``, every layer, each
+    rounded up to the power of two the runner grows its buffers to."""
+    cfg, param = model.config, next(model.parameters())
+    grown = lambda n: max(64, 1 << (n - 1).bit_length())  # noqa: E731 - the runner doubles from 64
+    tokens = grown(params.max_new_tokens + 1) + grown(params.max_input_tokens)
+    return {param.device: cfg.num_decoder_layers * 2 * cfg.num_heads * cfg.d_kv * tokens * param.element_size()}
 
 
 _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")

@@ -136,7 +136,7 @@ def test_cli_missing_model_is_a_clear_error(tmp_path):
     assert "could not load" in proc.stderr and "BIANQUE_V1_MODEL" in proc.stderr and "Traceback" not in proc.stderr
 
 
-def test_load_doctors_passes_the_v2_compile_setting(monkeypatch):
+def test_load_doctors_passes_the_v2_compile_and_max_batch_settings(monkeypatch):
     import bianque.glm
     from bianque.cli import load_doctors
     from bianque.settings import parse_settings
@@ -147,10 +147,13 @@ def test_load_doctors_passes_the_v2_compile_setting(monkeypatch):
 
     assert load_doctors("v2", parse_settings(["--v2-compile", "--v2-model", "/m/v2"], {})) == {"v2": "advisor"}
     default = "cuda" if torch.cuda.is_available() else "cpu"  # the documented default device
-    assert seen == {"model": "/m/v2", "device": default, "dtype": None, "quantize": None, "compile": True}
+    assert seen == {"model": "/m/v2", "device": default, "dtype": None, "quantize": None, "compile": True,
+                    "max_batch": 8 if default == "cuda" else 4}
     seen.clear()
-    load_doctors("v2", parse_settings(["--v2-model", "/m/v2", "--device", "cpu", "--v2-dtype", "bfloat16"], {}))
-    assert seen == {"model": "/m/v2", "device": "cpu", "dtype": "bfloat16", "quantize": None, "compile": False}
+    load_doctors("v2", parse_settings(["--v2-model", "/m/v2", "--device", "cpu", "--v2-dtype", "bfloat16",
+                                       "--v2-max-batch", "3"], {}))
+    assert seen == {"model": "/m/v2", "device": "cpu", "dtype": "bfloat16", "quantize": None, "compile": False,
+                    "max_batch": 3}
 
 
 def test_chat_help_lists_the_environment_variables():

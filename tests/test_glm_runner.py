@@ -285,3 +285,23 @@ def test_quantised_weights_on_the_engine(tmp_path_factory, bits):
             else:
                 out[k] += piece
     assert out == ["".join(solo.reply(*job)) for job in jobs]
+
+
+def test_load_refuses_a_kv_cache_that_does_not_fit(monkeypatch, advisor, tmp_path_factory):
+    import types
+
+    import psutil
+
+    from bianque.errors import ModelLoadError
+    from bianque.glm.advisor import slot_bytes
+
+    cfg = advisor.model.config
+    per_slot = slot_bytes(advisor.model, 2048)[torch.device("cpu")]
+    assert per_slot == cfg.num_layers * 2 * cfg.num_attention_heads * 2048 * cfg.head_dim * 4  # float32
+    path = str(build_tiny_glm(tmp_path_factory.mktemp("tiny_glm_mem")))
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: types.SimpleNamespace(available=per_slot * 3))
+    with pytest.raises(ModelLoadError, match=r"^BianQue-2.0: the KV cache for 4 concurrent replies .* set "
+                                             r"--v2-max-batch \(or --max-batch, BIANQUE_V2_MAX_BATCH, "
+                                             r"BIANQUE_MAX_BATCH\) to 2 or less"):
+        load_advisor(path, device="cpu", dtype="float32", max_batch=4)
+    assert load_advisor(path, device="cpu", dtype="float32", max_batch=2).engine.runner.max_batch == 2

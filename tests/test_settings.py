@@ -87,6 +87,10 @@ def test_repo_id_shapes(tmp_path):
     ([], {"BIANQUE_SEED": "x"}, "BIANQUE_SEED must be an integer, got 'x'"),
     ([], {"BIANQUE_MAX_QUESTIONS": "many"}, "BIANQUE_MAX_QUESTIONS must be an integer, got 'many'"),
     ([], {"BIANQUE_QUANTIZE": "3"}, "BIANQUE_QUANTIZE must be 4 or 8, got 3; set it to 4, 8 or unset it"),
+    ([], {"BIANQUE_MAX_BATCH": "lots"}, "BIANQUE_MAX_BATCH must be an integer, got 'lots'"),
+    ([], {"BIANQUE_V2_MAX_BATCH": "-1"}, "BIANQUE_V2_MAX_BATCH must be between 0 (one reply at a time) and 256, got -1"),
+    (["--v1-max-batch", "1000"], {}, "--v1-max-batch must be between 0 (one reply at a time) and 256, got 1000"),
+    (["--max-batch", "x"], {"BIANQUE_MAX_BATCH": "4"}, "--max-batch must be an integer, got 'x'"),
 ])
 def test_bad_setting_names_the_flag_or_variable_it_came_from(argv, env, expected):
     with pytest.raises(ValueError) as err:
@@ -117,6 +121,31 @@ def test_env_help_lists_every_variable_the_settings_read():
     text = env_help()
     for name in ("BIANQUE_V1_MODEL", "BIANQUE_V2_MODEL", "BIANQUE_DEVICE", "BIANQUE_V1_DEVICE", "BIANQUE_V2_DEVICE",
                  "BIANQUE_DTYPE", "BIANQUE_V1_DTYPE", "BIANQUE_V2_DTYPE", "BIANQUE_QUANTIZE", "BIANQUE_V2_COMPILE",
-                 "BIANQUE_SEED", "BIANQUE_MAX_QUESTIONS"):
+                 "BIANQUE_SEED", "BIANQUE_MAX_QUESTIONS", "BIANQUE_MAX_BATCH", "BIANQUE_V1_MAX_BATCH",
+                 "BIANQUE_V2_MAX_BATCH"):
         assert f"  {name} " in text
     assert text.startswith("environment variables (a flag wins over its variable):\n")
+
+
+def test_max_batch_defaults_per_device_and_precedence(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # defaults per device, not this machine's GPUs
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    s = parse_settings(["--v1-device", "cpu", "--v2-device", "cuda:0,cuda:1"], {})
+    assert (s.v1.max_batch, s.v2.max_batch) == (4, 8)
+    assert parse_settings(["--device", "auto"], {}).v2.max_batch == 8
+    s = parse_settings(["--device", "cpu"], {"BIANQUE_MAX_BATCH": "2", "BIANQUE_V2_MAX_BATCH": "0"})
+    assert (s.v1.max_batch, s.v2.max_batch) == (2, 0)
+    s = parse_settings(["--device", "cpu", "--max-batch", "6", "--v1-max-batch", "3"], {"BIANQUE_V1_MAX_BATCH": "1"})
+    assert (s.v1.max_batch, s.v2.max_batch) == (3, 6)  # per-model flag, then the shared flag, then variables
+
+
+def test_a_caller_default_for_max_batch_yields_to_flags_and_variables():
+    import argparse
+
+    from bianque.settings import add_settings_arguments, settings_from_args
+
+    parser = argparse.ArgumentParser()
+    add_settings_arguments(parser)
+    assert settings_from_args(parser.parse_args(["--device", "cpu"]), {}, max_batch=1).v2.max_batch == 1
+    ns = parser.parse_args(["--device", "cpu"])
+    assert settings_from_args(ns, {"BIANQUE_MAX_BATCH": "3"}, max_batch=1).v1.max_batch == 3

@@ -267,3 +267,27 @@ def test_questioner_replies_from_many_threads_share_batched_steps(questioner):
         time.sleep(0.01)
     assert not engine.scheduler.running and not engine.scheduler.waiting
     assert sorted(engine.scheduler.free) == [0, 1, 2] and not any(runner.active)
+
+
+def test_load_refuses_a_kv_cache_that_does_not_fit(monkeypatch, tmp_path_factory):
+    """The engine's cache is accounted for at load: too little free memory is a clear error naming
+    the settings and how many replies would fit; enough memory (or max_batch 0) loads."""
+    import types
+
+    import psutil
+
+    from bianque.errors import ModelLoadError
+    from bianque.t5 import slot_bytes
+
+    path = str(build_tiny_t5(tmp_path_factory.mktemp("t5_mem")))
+    small = load_questioner(path)
+    per_slot = slot_bytes(small.model, V1Params())[torch.device("cpu")]
+    cfg = small.model.config  # self 513 -> 1024 and cross 768 -> 1024 positions, as the runner grows them
+    assert per_slot == cfg.num_decoder_layers * 2 * cfg.num_heads * cfg.d_kv * 2048 * 4
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: types.SimpleNamespace(available=per_slot * 5))
+    with pytest.raises(ModelLoadError, match=r"^BianQue-1.0: the KV cache for 8 concurrent replies .* set "
+                                             r"--v1-max-batch \(or --max-batch, BIANQUE_V1_MAX_BATCH, "
+                                             r"BIANQUE_MAX_BATCH\) to 4 or less"):
+        load_questioner(path, max_batch=8)
+    assert load_questioner(path, max_batch=4).engine.runner.max_batch == 4
+    assert load_questioner(path, max_batch=0).engine is None

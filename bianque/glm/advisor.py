@@ -20,6 +20,7 @@ from ..prompt import PATIENT, Fit, Turn, build_prompt, fit_dialogue, validate_di
 from ..sampling import SamplingParams, guard_invalid, next_token
 from ..serving.engine import Engine
 from ..serving.glm_runner import GLMRunner
+from ..serving.runner import check_kv_memory
 from ..serving.reply import EngineLane, Reply, SoloLane, Turns
 from ..serving.request import Request
 from ..settings import dtype_name, torch_dtype
@@ -172,6 +173,15 @@ class GLMAdvisor:
                  time.perf_counter() - start, self.device)
 
 
+def slot_bytes(model: GLMForCausalLM, capacity: int) -> dict[torch.device, int]:
+    """Bytes of one engine slot's keys and values (`capacity` tokens) on each device holding layers."""
+    c, out = model.config, {}
+    for layer in model.transformer.layers:
+        weight = layer.input_layernorm.weight
+        out[weight.device] = out.get(weight.device, 0) + 2 * c.num_attention_heads * capacity * c.head_dim * weight.element_size()
+    return out
+
+
 def load_advisor(model: str = V2_REPO, device: str = "cpu", dtype: str | torch.dtype | None = None,
                  quantize: int | None = None, compile: bool = False, max_batch: int = 0) -> GLMAdvisor:
     """BianQue-2.0 from a hub id or a local directory, on `device` in `dtype`
@@ -203,6 +213,9 @@ def load_advisor(model: str = V2_REPO, device: str = "cpu", dtype: str | torch.d
     if len(tokenizer) > net.config.vocab_size:
         raise ModelLoadError(f"{path}: ice_text.model has {len(tokenizer)} pieces but the model only "
                              f"{net.config.vocab_size} embeddings; the tokenizer belongs to another checkpoint")
+    if max_batch > 0:
+        check_kv_memory(slot_bytes(net, V2Params().max_length), max_batch, "BianQue-2.0",
+                        "--v2-max-batch (or --max-batch, BIANQUE_V2_MAX_BATCH, BIANQUE_MAX_BATCH)")
     try:
         advisor = GLMAdvisor(net, tokenizer, source=model, compile=compile, max_batch=max_batch)
     except (torch.OutOfMemoryError, MemoryError) as exc:

@@ -17,3 +17,34 @@ class Runner(Protocol):
 
     def release(self, slot: int) -> None:
         """Forget a finished/cancelled slot's state so prefill can reuse it."""
+
+
+# Of the memory free at load, the engine's KV cache may take this share; the rest is for a step's
+# activations (and, on CPU, everything else the process still allocates).
+KV_SHARE = 0.8
+
+
+def free_memory(device: torch.device) -> int:
+    """Bytes free on `device`: CUDA's own count, else the host's available memory (psutil)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    import psutil
+
+    return psutil.virtual_memory().available
+
+
+def check_kv_memory(per_slot: dict[torch.device, int], max_batch: int, what: str, knob: str) -> None:
+    """Refuse, before allocating, a KV cache of `max_batch` slots (`per_slot` bytes on each device)
+    that would take more than KV_SHARE of the free memory; the message names `knob` and what fits."""
+    from ..errors import ModelLoadError
+
+    for device, nbytes in per_slot.items():
+        free, need = free_memory(device), nbytes * max_batch
+        if need > KV_SHARE * free:
+            fits = int(KV_SHARE * free // max(nbytes, 1))
+            gib = 2 ** 30
+            raise ModelLoadError(
+                f"{what}: the KV cache for {max_batch} concurrent replies needs {need / gib:.2f} GiB on {device} "
+                f"({nbytes / gib:.3f} GiB per reply), but only {free / gib:.2f} GiB is free there (at most "
+                f"{KV_SHARE:.0%} of it is used for the cache); set {knob} to {fits} or less "
+                f"(0: one reply at a time, no cache up front)")
