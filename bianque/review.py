@@ -144,6 +144,10 @@ def filter_consultations(items: Sequence[dict], f: Filters) -> list[dict]:
     return out
 
 
+def _when(iso: str | None) -> str:
+    return "—" if iso is None else datetime.fromisoformat(iso).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
 def _label(c: dict) -> str:
     when = datetime.fromisoformat(c["created_at"]).strftime("%Y-%m-%d %H:%M")
     return (f"#{c['id']} · {when} UTC · {APP_NAMES.get(c['app'], c['app'])} · {c['questions']} 次问询 · "
@@ -198,7 +202,7 @@ def _consultation_view(store: RecordStore, cid: int) -> None:
         return
     models = "；".join(f"{MODEL_NAMES.get(k, k)}：`{m.get('source')}` · {m.get('device')} · {m.get('dtype')}"
                       for k, m in sorted(item["models"].items()))
-    st.caption(f"开始 {item['created_at']} · 最后回复 {item['finished_at'] or '—'} · {models}")
+    st.caption(f"开始 {_when(item['created_at'])} · 最后回复 {_when(item['finished_at'])} · {models}")
     for t in item["turns"]:
         _recorded_turn(store, t)
     confirm = st.checkbox("确认删除（删除后无法恢复）", key=f"review.confirm.{cid}")
