@@ -75,7 +75,10 @@ def test_record_feedback_review_and_export_in_chromium(tiny_models, tmp_path):
 
         page.get_by_role("link", name="问诊记录").click()
         page.get_by_text("共 1 次问诊，筛选后 1 次。").wait_for()
+        page.locator('[data-testid="stDataFrame"]').wait_for()  # widgets load lazily: wait for the table
+        page.locator('[data-testid="stSelectbox"]').filter(has_text="打开问诊").wait_for()
         _idle(page)
+        page.wait_for_timeout(500)
         page.screenshot(path=str(tmp_path / "bianque_review_list.png"))
         page.locator('[data-testid="stSelectbox"]').filter(has_text="打开问诊").locator("input").click()
         page.get_by_role("option").filter(has_text=f"#{cid} · ").click()
