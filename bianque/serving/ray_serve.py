@@ -120,13 +120,15 @@ class Ingress:
 
 
 def build_app(mode: str, settings: Settings, v1_replicas: int = 1, v2_replicas: int = 1,
-              gpus_per_replica: float = 0, cpus_per_replica: float = 1, api_key: str | None = None):
-    """The Serve application: a deployment per model this mode needs, and the ingress."""
+              gpus_per_replica: float = 0, cpus_per_replica: float = 1, api_key: str | None = None,
+              max_ongoing: int = MODEL_MAX_ONGOING):
+    """The Serve application: a deployment per model this mode needs, and the ingress. A replica
+    takes ``max_ongoing`` requests at once; Ray queues the rest until one has room."""
     kinds = {"v1": ("v1",), "v2": ("v2",), "coq": ("v1", "v2")}[mode]
     replicas = {"v1": v1_replicas, "v2": v2_replicas}
     model = serve.deployment(BianqueModel)
     handles = {
-        kind: model.options(name=MODEL_NAMES[kind], num_replicas=replicas[kind], max_ongoing_requests=MODEL_MAX_ONGOING,
+        kind: model.options(name=MODEL_NAMES[kind], num_replicas=replicas[kind], max_ongoing_requests=max_ongoing,
                             ray_actor_options={"num_cpus": cpus_per_replica, "num_gpus": gpus_per_replica},
                             health_check_period_s=2).bind(kind, settings)
         for kind in kinds
