@@ -158,6 +158,24 @@ def test_export_rows_byte_exact(store, tmp_path):
     assert len(read_csv(out).examples) == 2  # and fine-tuning reads it
 
 
+def test_export_dialogues_keep_each_turns_stage_and_feedback(tmp_path):
+    """The JSONL export researchers read: every turn's stage and feedback, written out here."""
+    s = open_store(f"sqlite:///{tmp_path}/records.db")
+    known_consultation(s)
+    up = {"rating": "up", "better_question": None, "advise_now": False, "comment": None}
+    better = {"rating": "down", "better_question": "咳嗽有痰吗？", "advise_now": True, "comment": None}
+    down = {"rating": "down", "better_question": None, "advise_now": False, "comment": "没有问清楚就给了建议"}
+    assert s.export_dialogues() == [{"id": 1, "turns": [
+        {"role": "patient", "text": "我头疼，两天了 \u3000", "stage": None, "feedback": None},
+        {"role": "doctor", "text": "有没有发烧？", "stage": "question", "feedback": up},
+        {"role": "patient", "text": "没有\t有点咳嗽, \"干咳\"", "stage": None, "feedback": None},
+        {"role": "doctor", "text": "咳嗽多久了？", "stage": "question", "feedback": better},
+        {"role": "patient", "text": "一周😷\n晚上更重", "stage": None, "feedback": None},
+        {"role": "doctor", "text": "建议多喝水，\n必要时就医。", "stage": "advice", "feedback": down},
+    ]}]
+    s.close()
+
+
 def test_delete_and_purge(store):
     old = store.start_consultation("v1", created_at=datetime.utcnow() - timedelta(days=31))
     store.add_turn(old, "patient", "旧的")
