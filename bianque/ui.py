@@ -1,8 +1,9 @@
 """The one Streamlit render module the three BianQue apps share; the apps differ by an AppConfig.
 
 Models are loaded once per process through ``st.cache_resource`` and so are shared by every
-browser session; each loaded model therefore comes with its own ``threading.Lock`` (cached with
-it) and replies are generated under it, so two sessions' streams never mix. Each session keeps its
+browser session; each doctor serves concurrent sessions itself (the batching engine, or one at a
+time with ``--max-batch 0``), each session reading its own reply stream, so streams never mix; a
+waiting session sees its place in the queue. Each session keeps its
 own :class:`~bianque.session.Consultation` in ``st.session_state``. Patient text is never logged:
 log lines carry only metadata (stage, model, lengths, timings).
 """
@@ -80,24 +81,13 @@ class AppConfig:
 
 @dataclass
 class Served:
-    """A loaded doctor and the lock every session must hold while generating with it."""
+    """A loaded (or remote) doctor, shared by every session: its replies may run at once."""
 
     doctor: Any
-    lock: threading.Lock
-
-
-class Unshared:
-    """The lock of a server's model: nothing to serialise here, the server schedules requests."""
-
-    def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
-        return True
-
-    def release(self) -> None:
-        pass
 
 
 class Status:
-    """The line under a reply's label: "排队中" while another session holds the model, progress
+    """The line under a reply's label: "排队中" and the place while the reply waits for the model, progress
     while a model writes a reply that is not shown yet (the router judges v1's whole reply).
 
     Each update is a Streamlit call, and Streamlit can only interrupt a run (Stop, a new message)
@@ -109,9 +99,10 @@ class Status:
     def __init__(self, slot: Any) -> None:
         self._slot, self._last, self.live = slot, 0.0, True
 
-    def queued(self, waiting: bool) -> None:
-        if waiting:
-            self._slot.info("排队中：模型正在为其他用户生成回复，请稍候…", icon=":material/hourglass_top:")
+    def queued(self, ahead: int | None) -> None:
+        """`ahead` replies wait before this one; None: its turn has come."""
+        if ahead is not None:
+            self._slot.info(f"排队中：前面还有 {ahead} 位", icon=":material/hourglass_top:")
         else:
             self._slot.empty()
 
@@ -127,7 +118,7 @@ class Status:
 
 
 class Serialised:
-    """A per-run view of a shared doctor: replies hold its lock, and use this session's settings."""
+    """A per-run view of a shared doctor: replies use this session's settings and show their place in the queue."""
 
     def __init__(self, served: Served, params: Any, status: Status):
         self._served, self._params, self._status = served, params, status
@@ -136,22 +127,23 @@ class Serialised:
         return getattr(self._served.doctor, name)
 
     def reply(self, turns: Sequence[Turn], params: Any = None) -> Iterator[str]:
-        lock = self._served.lock
-        if not lock.acquire(blocking=False):
-            # Another session is generating: say so, and keep calling into Streamlit while
-            # waiting so that Stop (a rerun request) can still interrupt this session.
-            self._status.queued(True)
-            while not lock.acquire(timeout=0.25):
-                self._status.queued(True)
-            self._status.queued(False)
+        stream = self._served.doctor.reply(turns, self._params if params is None else params)
         try:
+            ahead = getattr(stream, "ahead", None)  # a local doctor's Reply; a server queues on its side
+            if ahead is not None and (place := ahead(0.0)) is not None:
+                # Others come first: say where this reply stands, and keep calling into Streamlit
+                # while waiting so that Stop (a rerun request) can still interrupt this session.
+                while place is not None:
+                    self._status.queued(place)
+                    place = ahead(0.25)
+                self._status.queued(None)
             chars = 0
-            for piece in self._served.doctor.reply(turns, self._params if params is None else params):
+            for piece in stream:
                 chars += len(piece)
                 self._status.progress(self._served.doctor.name, chars)
                 yield piece
         finally:
-            lock.release()
+            getattr(stream, "close", lambda: None)()  # gives up the place or the engine slot
 
 
 @dataclass(frozen=True)
@@ -177,13 +169,14 @@ def _loader(kind: str) -> Callable[..., Any]:
 
 @st.cache_resource(show_spinner=False)
 def _serve(kind: str, model: str, device: str, dtype: str | None, quantize: int | None,
-           compile: bool = False) -> Served:
+           compile: bool = False, max_batch: int = 0) -> Served:
     extra = {"quantize": quantize, "compile": compile} if kind == "v2" else {}
+    extra["max_batch"] = max_batch
     started = time.perf_counter()
     doctor = _loader(kind)(model, device=device, dtype=dtype, **extra)
     log.info("loaded %s on %s (%s) in %.1f s", kind, device, doctor.dtype, time.perf_counter() - started)
     _freeze_heap()
-    return Served(doctor, threading.Lock())
+    return Served(doctor)
 
 
 def _freeze_heap() -> None:
@@ -227,7 +220,7 @@ def _remote(config: AppConfig, settings: Settings) -> dict[str, Served]:
         st.info(f"在服务器上启动：`python -m bianque serve --v1-model DIR --v2-model DIR --host 0.0.0.0 "
                 f"--port 8000`；或修改启动参数 `--server URL` / 环境变量 `BIANQUE_SERVER`（现为 {settings.server}）。")
         st.stop()
-    return {k: Served(RemoteDoctor(client, k), Unshared()) for k in config.kinds}
+    return {k: Served(RemoteDoctor(client, k)) for k in config.kinds}
 
 
 def _load(config: AppConfig, settings: Settings) -> dict[str, Served]:
@@ -238,7 +231,7 @@ def _load(config: AppConfig, settings: Settings) -> dict[str, Served]:
         s = getattr(settings, kind)
         with st.spinner(f"正在加载 {MODEL_NAMES[kind]}（{s.model} → {s.device}）…", show_time=True):
             try:
-                served[kind] = _serve(kind, s.model, s.device, s.dtype, s.quantize, s.compile)
+                served[kind] = _serve(kind, s.model, s.device, s.dtype, s.quantize, s.compile, s.max_batch)
             except ModelLoadError as exc:  # try the others too: one page names every missing model
                 failed[kind] = str(exc)
             except ImportError as exc:
@@ -535,7 +528,7 @@ def _answer(config: AppConfig, served: dict[str, Served], consultation: Consulta
             log.error("reply failed: %s", type(exc).__name__)  # the exception text may quote the patient
             consultation.fail_reply(FAILED_MESSAGE.format(kind=type(exc).__name__))
         finally:
-            getattr(chunks, "close", lambda: None)()  # release the model lock even when interrupted
+            getattr(chunks, "close", lambda: None)()  # free the engine slot even when interrupted
             if consultation.pending is not None:
                 consultation.finish_reply(stopped=not completed)
             _log_reply(message, timing, completed)

@@ -125,7 +125,7 @@ def test_v1_app_greets_answers_the_first_message_and_labels_it(backend, v1_dir, 
     assert bubbles(at) == [("assistant", [], [GREETING])]
     assert DISCLAIMER in [c.value for c in at.caption]
     assert backend["v1"].load_args == (str(v1_dir),)
-    assert backend["v1"].load_kwargs == {"device": "cpu", "dtype": None}
+    assert backend["v1"].load_kwargs == {"device": "cpu", "dtype": None, "max_batch": 4}  # the CPU default
     assert backend["v1"].calls == []  # the greeting is never sent to a model
     quick(at, "v1")
     send(at, "我头疼三天了")
@@ -184,9 +184,10 @@ def test_v1_app_keeps_an_over_long_message_and_notes_the_fit(backend, v1_dir, mo
 
 
 def test_v1_app_takes_cli_arguments(backend, v1_dir, monkeypatch):
-    at = start(V1_APP, monkeypatch, argv=("--v1-model", str(v1_dir), "--device", "cpu", "--dtype", "float32"))
+    at = start(V1_APP, monkeypatch, argv=("--v1-model", str(v1_dir), "--device", "cpu", "--dtype", "float32",
+                                          "--max-batch", "0"))
     assert backend["v1"].load_args == (str(v1_dir),)
-    assert backend["v1"].load_kwargs == {"device": "cpu", "dtype": "float32"}
+    assert backend["v1"].load_kwargs == {"device": "cpu", "dtype": "float32", "max_batch": 0}
     assert f"BianQue-1.0：`{v1_dir}` · cpu · float32" in [c.value for c in at.sidebar.caption]
 
 
@@ -357,16 +358,22 @@ def test_v2_compile_setting_reaches_the_loader(backend, v2_dir, monkeypatch):
 
     warmed = []  # the real warm-up compiles (tested in test_glm_static); here: that loading asks for it
     monkeypatch.setattr(GLMAdvisor, "warm_up", lambda self: warmed.append(self.compile))
-    start(V2_APP, monkeypatch, BIANQUE_V2_MODEL=v2_dir, BIANQUE_V2_COMPILE="1")
+    start(V2_APP, monkeypatch, BIANQUE_V2_MODEL=v2_dir, BIANQUE_V2_COMPILE="1", BIANQUE_V2_MAX_BATCH="0")
     assert backend["v2"].load_kwargs["compile"] is True and backend["v2"].doctor.compile is True
-    assert warmed == [True]
+    assert warmed == [True] and backend["v2"].doctor.engine is None
+    # The batching engine does not compile yet: with it (the default max_batch) compile falls back to eager.
+    monkeypatch.delenv("BIANQUE_V2_MAX_BATCH")
+    start(V2_APP, monkeypatch, BIANQUE_V2_MODEL=v2_dir, BIANQUE_V2_COMPILE="1")
+    assert backend["v2"].load_kwargs["compile"] is True and backend["v2"].load_kwargs["max_batch"] == 4
+    assert backend["v2"].doctor.compile is False and backend["v2"].doctor.engine is not None and warmed == [True]
 
 
 def test_v2_app_answers_with_its_defaults_and_label(backend, v2_dir, monkeypatch):
-    at = start(V2_APP, monkeypatch, BIANQUE_V2_MODEL=v2_dir)
+    at = start(V2_APP, monkeypatch, BIANQUE_V2_MODEL=v2_dir, BIANQUE_V2_MAX_BATCH="2")
     assert at.slider(key="v2.temperature").value == 0.95 and at.slider(key="v2.top_p").value == 0.7
     assert at.number_input(key="v2.max_length").value == 2048
-    assert backend["v2"].load_kwargs == {"device": "cpu", "dtype": None, "quantize": None, "compile": False}
+    assert backend["v2"].load_kwargs == {"device": "cpu", "dtype": None, "quantize": None, "compile": False,
+                                         "max_batch": 2}
     quick(at, "v2")
     send(at, "最近总是失眠怎么办")
     (turns, params), = backend["v2"].calls

@@ -96,11 +96,11 @@ def tiny_models(tmp_path_factory) -> dict[str, str]:
 
 
 @contextmanager
-def _streamlit(script: str, models: dict[str, str], work: Path):
-    """`streamlit run script` on a free port with the tiny models; yields (url, server log)."""
+def _streamlit(script: str, models: dict[str, str], work: Path, **settings: str):
+    """`streamlit run script` on a free port with the tiny models (and BIANQUE_* `settings`); yields (url, server log)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("BIANQUE_")}
     env.update(models, BIANQUE_DEVICE="cpu", BIANQUE_SEED="0", PYTHONUNBUFFERED="1",
-               OMP_NUM_THREADS="1")  # tiny models: one thread is faster on a shared CPU
+               OMP_NUM_THREADS="1", **settings)  # tiny models: one thread is faster on a shared CPU
     port, log = _free_port(), work / "server.log"
     with log.open("w") as out:
         proc = subprocess.Popen(
@@ -288,9 +288,11 @@ def _streaming(page, index: int) -> None:
 
 
 def test_stop_keeps_the_partial_reply_and_a_second_session_queues(tiny_models, tmp_path):
-    """BianQue-1.0 alone streams its tokens as they come. Two browser sessions share the model:
-    the second waits ("排队中") until Stop ends the first one's reply part-way, then gets its own."""
-    with _streamlit("bianque_v1_app.py", tiny_models, tmp_path) as (url, log), _browser_page() as first:
+    """BianQue-1.0 alone streams its tokens as they come. Two browser sessions share the model, served
+    one at a time (BIANQUE_MAX_BATCH=1): the second waits ("排队中：前面还有 0 位") until Stop ends the
+    first one's reply part-way, then gets its own."""
+    with (_streamlit("bianque_v1_app.py", tiny_models, tmp_path, BIANQUE_MAX_BATCH="1") as (url, log),
+          _browser_page() as first):
         _open(first, url, "8192")  # long enough that Stop always lands mid-reply
         second = first.context.browser.new_page(viewport={"width": 1280, "height": 960}, accept_downloads=True)
         second.set_default_timeout(60_000)
@@ -301,7 +303,7 @@ def test_stop_keeps_the_partial_reply_and_a_second_session_queues(tiny_models, t
         _streaming(first, 2)
         second.get_by_placeholder(PLACEHOLDER).fill("孩子发烧两天")
         second.get_by_placeholder(PLACEHOLDER).press("Enter")
-        second.get_by_text("排队中：模型正在为其他用户生成回复，请稍候…").wait_for()
+        second.get_by_text("排队中：前面还有 0 位").wait_for()
 
         first.get_by_role("button", name="停止生成").click()
         first.get_by_text("已停止：以上是停止前生成的部分回复").wait_for()

@@ -1,5 +1,5 @@
 """The apps' logic without Streamlit running: the consultation state, labels, fit notes, transcripts,
-the per-model lock and the partial-reply capture behind Stop."""
+sessions sharing an engine-served model, the queue line and the partial-reply capture behind Stop."""
 from __future__ import annotations
 
 import json
@@ -146,74 +146,96 @@ def test_markdown_transcript_reads_as_the_consultation():
     assert "额头，\n晚上更重" in md and md.rstrip().endswith("建议多休息\n\n*（已停止）*")
 
 
-class _SlowDoctor:
-    """Yields its pieces with a pause, so two sessions' streams would interleave without the lock."""
-
-    name, source, device, dtype = "BianQue-1.0", "fake", "cpu", "float32"
-
-    def __init__(self) -> None:
-        self.seen: list[tuple[Turn, ...]] = []
-        self.params: list[object] = []
-
-    def reply(self, turns, params=None):
-        self.seen.append(tuple(turns))
-        self.params.append(params)
-        for piece in turns[-1].text:
-            time.sleep(0.01)
-            yield piece
-
-
 class _Status:
     """Records what a reply's status line would show."""
 
     def __init__(self) -> None:
-        self.queued_calls: list[bool] = []
+        self.queued_calls: list[int | None] = []
         self.progress_calls: list[tuple[str, int]] = []
 
-    def queued(self, waiting: bool) -> None:
-        self.queued_calls.append(waiting)
+    def queued(self, ahead: int | None) -> None:
+        self.queued_calls.append(ahead)
 
     def progress(self, name: str, chars: int) -> None:
         self.progress_calls.append((name, chars))
 
 
-def test_a_shared_model_serves_one_session_at_a_time_and_says_who_waits():
+@pytest.fixture(scope="module")
+def tiny_v1(tmp_path_factory):
+    from bianque.t5 import load_questioner
+    from tests.tiny_t5 import build_tiny_t5
+
+    return load_questioner(str(build_tiny_t5(tmp_path_factory.mktemp("v1"))))
+
+
+def _params(n: int):
+    from bianque.t5 import V1Params
+
+    return V1Params(SamplingParams(False), max_new_tokens=n)
+
+
+TEXTS = ["我头疼三天了", "孩子发烧两天", "咳嗽一周，晚上更重", "胃痛"]
+
+
+def test_sessions_generate_at_once_without_cross_talk(tiny_v1):
+    """Four sessions share one engine-served model (max_batch 4) and generate at the same time, each
+    with its own settings: each gets exactly the reply it gets alone, and nobody queues."""
+    from bianque.t5 import T5Questioner
     from bianque.ui import Served, Serialised
 
-    served = Served(_SlowDoctor(), threading.Lock())
-    output: list[str] = []
-    status = {"a": _Status(), "b": _Status()}
+    served = Served(T5Questioner(tiny_v1.model, tiny_v1.tokenizer, "tiny", max_batch=4))
+    expected = ["".join(tiny_v1.reply([Turn(PATIENT, t)], _params(20 + 5 * i))) for i, t in enumerate(TEXTS)]
+    assert len(set(expected)) == 4
+    out, status, sizes = [""] * 4, [_Status() for _ in TEXTS], []
+    decode = served.doctor.engine.runner.decode
+    served.doctor.engine.runner.decode = lambda slots, tokens: (sizes.append(len(slots)), decode(slots, tokens))[1]
+    start = threading.Barrier(4)
 
-    def session(name: str, text: str) -> None:
-        doctor = Serialised(served, params=f"params-{name}", status=status[name])
-        for piece in doctor.reply([Turn(PATIENT, text)]):
-            output.append(piece)
+    def session(i: int) -> None:
+        doctor = Serialised(served, params=_params(20 + 5 * i), status=status[i])
+        start.wait()
+        for piece in doctor.reply([Turn(PATIENT, TEXTS[i])]):
+            out[i] += piece
+            time.sleep(0.002)  # a browser session's pace: the others' pieces arrive meanwhile
 
-    first = threading.Thread(target=session, args=("a", "aaaaaaaaaa"))
-    first.start()
-    time.sleep(0.03)  # a is streaming when b arrives
-    session("b", "bbbbb")
-    first.join()
-    assert "".join(output) == "a" * 10 + "b" * 5  # never mixed
-    assert status["a"].queued_calls == []
-    assert status["b"].queued_calls[0] is True and status["b"].queued_calls[-1] is False
-    assert status["b"].progress_calls == [("BianQue-1.0", n) for n in range(1, 6)]
-    assert served.doctor.params == ["params-a", "params-b"]  # each session's own settings
-    assert served.doctor.name == "BianQue-1.0" and Serialised(served, None, _Status()).source == "fake"
+    threads = [threading.Thread(target=session, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert out == expected
+    assert max(sizes) >= 2  # they really shared decode steps
+    assert all(s.progress_calls[-1] == ("BianQue-1.0", len(e)) for s, e in zip(status, expected))
+    assert served.doctor.name == "BianQue-1.0" and Serialised(served, None, _Status()).source == "tiny"
 
 
-def test_an_abandoned_stream_releases_the_model():
+def test_a_waiting_session_sees_its_place_until_its_reply_starts(tiny_v1):
+    """max_batch 1: while one session's reply runs, the next waits and is told "前面还有 0 位";
+    a session that stops (closes its stream) frees the model for it."""
+    from bianque.t5 import T5Questioner
     from bianque.ui import Served, Serialised
 
-    served = Served(_SlowDoctor(), threading.Lock())
-    stream = Serialised(served, None, _Status()).reply([Turn(PATIENT, "xyz")])
-    assert next(stream) == "x" and served.lock.locked()
-    stream.close()  # Stop interrupted the run
-    assert not served.lock.locked()
+    served = Served(T5Questioner(tiny_v1.model, tiny_v1.tokenizer, "tiny", max_batch=1))
+    first = Serialised(served, _params(200), _Status()).reply([Turn(PATIENT, TEXTS[0])])
+    assert next(first)  # the first session is generating (and holds the only slot)
+    status, result = _Status(), []
+    second = threading.Thread(target=lambda: result.append("".join(
+        Serialised(served, _params(15), status).reply([Turn(PATIENT, TEXTS[1])]))))
+    second.start()
+    deadline = time.monotonic() + 10
+    while not status.queued_calls and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert status.queued_calls[:1] == [0] and not result
+    first.close()  # Stop in the first session
+    second.join(30)
+    assert result == ["".join(tiny_v1.reply([Turn(PATIENT, TEXTS[1])], _params(15)))]
+    assert status.queued_calls[-1] is None and set(status.queued_calls[:-1]) == {0}
+    assert served.doctor.engine.scheduler.idle()
 
 
-def test_an_interruption_inside_a_progress_update_releases_the_model():
+def test_an_interruption_inside_a_progress_update_frees_the_slot(tiny_v1):
     """Streamlit raises its rerun/stop exception from the Streamlit call it interrupts."""
+    from bianque.t5 import T5Questioner
     from bianque.ui import Served, Serialised
 
     class Interrupt(BaseException):
@@ -221,13 +243,16 @@ def test_an_interruption_inside_a_progress_update_releases_the_model():
 
     class Interrupting(_Status):
         def progress(self, name, chars):
-            if chars == 2:
+            if chars >= 2:
                 raise Interrupt()
 
-    served = Served(_SlowDoctor(), threading.Lock())
+    served = Served(T5Questioner(tiny_v1.model, tiny_v1.tokenizer, "tiny", max_batch=1))
     with pytest.raises(Interrupt):
-        "".join(Serialised(served, None, Interrupting()).reply([Turn(PATIENT, "xyz")]))
-    assert not served.lock.locked()
+        "".join(Serialised(served, _params(200), Interrupting()).reply([Turn(PATIENT, TEXTS[0])]))
+    engine, deadline = served.doctor.engine, time.monotonic() + 10
+    while not engine.scheduler.idle() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert engine.scheduler.idle() and engine.scheduler.free == [0]
 
 
 def test_status_line_rate_limits_progress_and_stops_after_done():
@@ -248,13 +273,13 @@ def test_status_line_rate_limits_progress_and_stops_after_done():
 
     slot = Slot()
     status = Status(slot)
-    status.queued(True)
-    status.queued(False)
+    status.queued(2)
+    status.queued(None)
     status.progress("BianQue-1.0", 3)
     status.progress("BianQue-1.0", 4)  # within the interval: no update
     status.done()
     status.progress("BianQue-1.0", 90)
-    assert slot.calls == [("info", "排队中：模型正在为其他用户生成回复，请稍候…"), ("empty", None),
+    assert slot.calls == [("info", "排队中：前面还有 2 位"), ("empty", None),
                           ("caption", "BianQue-1.0 正在生成… 已写 3 字"), ("empty", None)]
 
 
