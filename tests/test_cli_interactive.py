@@ -92,3 +92,42 @@ def test_ctrl_c_closes_the_reply_stream_so_generation_stops(monkeypatch, capsys)
     rc, calls, out = _drive(monkeypatch, capsys, ["我咳嗽", EOFError()], lambda turns, advise: stream)
     assert rc == 0 and "咳嗽 ［已停止］\n" in out.out
     assert stream.closed and stream.sent == 2
+
+
+def test_ctrl_c_cancels_only_the_current_reply_on_the_engine(monkeypatch, capsys, tmp_path):
+    """With an engine-served questioner (max_batch 1): Ctrl-C (SIGINT, as the terminal sends it)
+    during a reply cancels that request within a step and frees the slot; the next message gets
+    its full reply, the same as alone."""
+    import signal
+    import time
+
+    from bianque.prompt import DOCTOR, PATIENT, Turn
+    from bianque.sampling import SamplingParams
+    from bianque.t5 import T5Questioner, V1Params, load_questioner
+    from tests.tiny_t5 import build_tiny_t5
+
+    solo = load_questioner(str(build_tiny_t5(tmp_path / "v1")))
+    doctor = T5Questioner(solo.model, solo.tokenizer, "tiny", max_batch=1)
+    params = V1Params(SamplingParams(False), max_new_tokens=400)
+    requests = []
+
+    def chunks_for(turns, advise):
+        reply = doctor.reply(turns, params)
+        first = next(reply)
+        requests.append(reply._lane.request)
+        yield first
+        if len(turns) == 1:
+            signal.raise_signal(signal.SIGINT)  # Ctrl-C while the rest of the reply is being generated
+        yield from reply
+
+    rc, calls, out = _drive(monkeypatch, capsys, ["我咳嗽", "没有发热", "/quit"], chunks_for)
+    assert rc == 0 and "［已停止］" in out.out
+    stopped, second = requests
+    engine, deadline = doctor.engine, time.monotonic() + 10
+    while not engine.scheduler.idle() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert stopped.cancelled and len(stopped.generated) < 400 and engine.scheduler.free == [0]
+    partial = calls[1][0][1][1]  # the stopped reply's text stays in the dialogue
+    assert len(partial) < len("".join(solo.reply([Turn(PATIENT, "我咳嗽")], params))) / 2  # stopped early
+    turns = [Turn(PATIENT, "我咳嗽"), Turn(DOCTOR, partial, "question"), Turn(PATIENT, "没有发热")]
+    assert "".join(solo.reply(turns, params)) in out.out and len(second.generated) > 1
