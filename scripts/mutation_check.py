@@ -64,8 +64,8 @@ MUTATIONS = [
     ("records-export-stage-dropped", "bianque/records.py", '"stage": t["stage"],\n', '"stage": None,\n', RECORDS, "export and not postgresql"),
     ("records-export-feedback-dropped", "bianque/records.py", '"feedback": t["feedback"]} for t in kept]', '"feedback": None} for t in kept]', RECORDS, "export and not postgresql"),
     ("records-export-better-question-ignored", "bianque/records.py", 'if fb.get("better_question"):', "if False:", RECORDS, "export and not postgresql"),
-    ("api-stage-always-advice", "bianque/serving/api.py", 'info = {"stage": self.stage,', 'info = {"stage": "advice",', ["tests/test_api.py"], "stage or coq"),
-    ("api-sent-stages-ignored", "bianque/serving/api.py", 'stage = m.bianque.stage if (m.role == "assistant" and m.bianque) else None', "stage = None", ["tests/test_api.py"], "stage or coq"),
+    ("api-stage-always-advice", "bianque/serving/api.py", 'info = {"stage": self.stage,', 'info = {"stage": "advice",', ["tests/test_stage_object.py", "tests/test_api.py"], "stage or coq"),
+    ("api-sent-stages-ignored", "bianque/serving/api.py", 'stage = m.bianque.stage if (m.role == "assistant" and m.bianque) else None', "stage = None", ["tests/test_stage_object.py", "tests/test_api.py"], "stage or coq"),
 ]
 
 
