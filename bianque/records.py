@@ -21,7 +21,7 @@ from typing import Any, Iterable, Sequence
 
 from sqlalchemy import (
     JSON, Boolean, Column, DateTime, ForeignKey, Integer, MetaData, String, Table, Text,
-    UniqueConstraint, create_engine, delete, event, func, inspect, select, update,
+    UniqueConstraint, and_, create_engine, delete, event, func, inspect, or_, select, update,
 )
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import ArgumentError, IntegrityError, SQLAlchemyError
@@ -298,8 +298,10 @@ class RecordStore:
                                                                consultations.c.id.desc())).all()
             counts = dict(conn.execute(select(turns.c.consultation_id, func.count())
                                        .group_by(turns.c.consultation_id)).all())
+            # BianQue-1.0 on its own only asks: its replies (no stage) count as questions too
+            asked = or_(turns.c.stage == "question", and_(turns.c.stage.is_(None), turns.c.model == "v1"))
             questions = dict(conn.execute(select(turns.c.consultation_id, func.count())
-                                          .where(turns.c.stage == "question").group_by(turns.c.consultation_id)).all())
+                                          .where(turns.c.role == DOCTOR, asked).group_by(turns.c.consultation_id)).all())
             ratings = conn.execute(select(turns.c.consultation_id, feedback.c.rating, func.count())
                                    .join(feedback, feedback.c.turn_id == turns.c.id)
                                    .where(feedback.c.rating.is_not(None))

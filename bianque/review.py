@@ -151,7 +151,7 @@ def _when(iso: str | None) -> str:
 def _label(c: dict) -> str:
     when = datetime.fromisoformat(c["created_at"]).strftime("%Y-%m-%d %H:%M")
     return (f"#{c['id']} · {when} UTC · {APP_NAMES.get(c['app'], c['app'])} · {c['questions']} 次问询 · "
-            f"👍 {c['ratings']['up']} 👎 {c['ratings']['down']}")
+            f"好评 {c['ratings']['up']} · 差评 {c['ratings']['down']}")
 
 
 def _filters(items: Sequence[dict]) -> Filters:
@@ -159,7 +159,7 @@ def _filters(items: Sequence[dict]) -> Filters:
     since = left.date_input("从（日期）", value=None, key="review.since")
     until = left.date_input("到（日期）", value=None, key="review.until")
     apps = mid.multiselect("应用", sorted({c["app"] for c in items}), key="review.apps",
-                           format_func=lambda a: APP_NAMES.get(a, a))
+                           format_func=lambda a: APP_NAMES.get(a, a), placeholder="全部应用")
     min_q = int(mid.number_input("问询次数至少", 0, 100, 0, key="review.min_questions"))
     rating = right.selectbox("评价", RATING_FILTERS, key="review.rating")
     return Filters(since, until, tuple(apps), min_q, rating)
@@ -169,7 +169,7 @@ def _table(items: Sequence[dict]) -> None:
     st.dataframe(
         [{"编号": c["id"], "时间 (UTC)": datetime.fromisoformat(c["created_at"]).strftime("%Y-%m-%d %H:%M"),
           "应用": APP_NAMES.get(c["app"], c["app"]), "问询": c["questions"], "消息": c["turns"],
-          "👍": c["ratings"]["up"], "👎": c["ratings"]["down"]} for c in items],
+          "好评": c["ratings"]["up"], "差评": c["ratings"]["down"]} for c in items],
         hide_index=True, width="stretch")
 
 

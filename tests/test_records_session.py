@@ -102,6 +102,8 @@ def test_a_regenerated_reply_replaces_the_earlier_one_in_the_export(tmp_path):
     _doctor(rec, c, _reply(c, "有痰吗？", model="v1"))
     assert [t["text"] for t in store.get_consultation(rec.consultation_id)["turns"]] == ["咳嗽", "多久了？", "有痰吗？"]
     assert [t["text"] for t in store.export_dialogues()[0]["turns"]] == ["咳嗽", "有痰吗？"]
+    # BianQue-1.0 alone asks: its replies count as questions in the list (the review page's filter)
+    assert [(c["turns"], c["questions"]) for c in store.list_consultations()] == [(3, 2)]
     store.close()
 
 
