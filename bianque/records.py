@@ -13,6 +13,7 @@ stored exactly as typed and never logged; error messages carry the URL without i
 """
 from __future__ import annotations
 
+import random
 import re
 import time
 from dataclasses import dataclass
@@ -33,6 +34,9 @@ SCHEMA_VERSION = 1
 DEFAULT_URL = "sqlite:///bianque-records.db"
 RATINGS = ("up", "down")
 SQLITE_BUSY_MS = 30_000
+# A write that lost a race (two sessions appending to one consultation) runs again after a random
+# pause that grows with each attempt (~16 s in all at most): enough for a machine under heavy load.
+WRITE_ATTEMPTS = 40
 
 metadata = MetaData()
 
@@ -232,7 +236,7 @@ class RecordStore:
         values = dict(consultation_id=consultation_id, role=role, text=text, stage=stage, model=model,
                       params=params, started_at=started_at, finished_at=finished_at, stopped=bool(stopped),
                       failed=bool(failed), red_flags=list(red_flags))
-        for attempt in range(20):
+        for attempt in range(WRITE_ATTEMPTS):
             try:
                 with self._conn() as conn:
                     if conn.execute(select(consultations.c.id).where(consultations.c.id == consultation_id)).first() is None:
@@ -242,7 +246,7 @@ class RecordStore:
                     result = conn.execute(turns.insert().values(idx=nxt, **values))
                     return int(result.inserted_primary_key[0])
             except _Retry:
-                time.sleep(0.01 * (attempt + 1))
+                _backoff(attempt)
         raise RecordsError(f"could not append a turn to consultation {consultation_id}: too many concurrent writers")
 
     def set_feedback(self, turn_id: int, rating: str | None = None, better_question: str | None = None,
@@ -252,7 +256,7 @@ class RecordStore:
             raise RecordsError(f"a rating is 'up' or 'down', not {rating!r}")
         values = dict(rating=rating, better_question=better_question or None, advise_now=bool(advise_now),
                       comment=comment or None, updated_at=utcnow())
-        for attempt in range(20):
+        for attempt in range(WRITE_ATTEMPTS):
             try:
                 with self._conn() as conn:
                     role = conn.execute(select(turns.c.role).where(turns.c.id == turn_id)).scalar_one_or_none()
@@ -265,7 +269,7 @@ class RecordStore:
                         conn.execute(feedback.insert().values(turn_id=turn_id, **values))
                     return
             except _Retry:
-                time.sleep(0.01 * (attempt + 1))
+                _backoff(attempt)
         raise RecordsError(f"could not save feedback on turn {turn_id}: too many concurrent writers")
 
     def delete_consultation(self, consultation_id: int) -> bool:
@@ -375,6 +379,10 @@ class RecordStore:
                 if target and before[-1].text:
                     rows.append(Example(clean_text(build_prompt(before)), target))
         return rows
+
+
+def _backoff(attempt: int) -> None:
+    time.sleep(random.uniform(0, 0.02 * (attempt + 1)))  # random: racing writers do not meet again
 
 
 class _Retry(Exception):
