@@ -1,5 +1,10 @@
 """Speed and memory of the native ChatGLM on random weights: `python -m bianque.bench glm --preset mid`.
 
+`python -m bianque.bench serve --model glm,t5 --concurrency 1,2,4,8` measures the batching engine
+(bianque/serving/) on random weights: per concurrency level, the same requests one after another vs
+all at once (speedup), aggregate and per-stream decode tokens/s, time to first token of a request
+joining a running batch (p50/p95), peak memory.
+
 `python -m bianque.bench api --url URL --concurrency 8 --requests 64` load-tests a running
 `python -m bianque serve` instead (bianque/serving/loadtest.py): throughput, latency and time to
 first token percentiles, errors.
@@ -26,6 +31,7 @@ import json
 import math
 import resource
 import sys
+import threading
 import time
 from dataclasses import dataclass, replace
 
@@ -366,6 +372,164 @@ def api_config(parser: argparse.ArgumentParser, args: argparse.Namespace):
                       max_tokens=args.max_tokens, temperature=args.temperature)
 
 
+# ---------------------------------------------------------------- serve: the batching engine
+
+SERVE_PRESETS = {
+    "glm": {"mid": PRESETS["mid"],
+            "tiny": GLMConfig(hidden_size=64, num_attention_heads=4, num_layers=2, inner_hidden_size=256,
+                              vocab_size=130528)},
+    "t5": {"mid": dict(d_model=768, d_kv=64, d_ff=2048, num_layers=4, num_decoder_layers=4, num_heads=12),
+           "tiny": dict(d_model=64, d_kv=16, d_ff=128, num_layers=2, num_decoder_layers=2, num_heads=4)},
+}
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    models: tuple[str, ...] = ("glm", "t5")
+    concurrency: tuple[int, ...] = (1, 2, 4, 8)
+    preset: str = "mid"
+    dtype: str | None = None  # None: each model's CPU/CUDA default (settings.torch_dtype)
+    device: str = "cpu"
+    prompt_tokens: int = 64
+    new_tokens: int = 32
+    repeats: int = 3
+
+
+def _serve_runner(kind: str, cfg: ServeConfig, max_batch: int):
+    """A runner for `kind` on random weights of the preset's shape, and the prompt ids to send."""
+    from .serving.glm_runner import GLMRunner
+    from .serving.t5_runner import T5Runner
+    from .settings import torch_dtype
+
+    device = torch.device(cfg.device)
+    dtype = torch_dtype(cfg.dtype, device, "v2" if kind == "glm" else "v1")
+    torch.manual_seed(0)
+    if kind == "glm":
+        config = SERVE_PRESETS["glm"][cfg.preset]
+        model = random_model(config, dtype, device, pack=packing_available(device, dtype))
+        prompt = prompt_ids(config, cfg.prompt_tokens, torch.device("cpu"))[0].tolist()
+        return GLMRunner(model, max_batch, cfg.prompt_tokens + cfg.new_tokens + 1), prompt
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    config = T5Config(vocab_size=32128, decoder_start_token_id=0, **SERVE_PRESETS["t5"][cfg.preset])
+    model = T5ForConditionalGeneration(config).to(device=device, dtype=dtype).eval()
+    prompt = torch.randint(10, 32000, (cfg.prompt_tokens,), generator=torch.Generator().manual_seed(1)).tolist()
+    return T5Runner(model, max_batch), prompt
+
+
+def _timed(engine, prompt: list[int], new_tokens: int) -> tuple[threading.Thread, list[float]]:
+    """Submit one greedy request of exactly `new_tokens` tokens (no stop token); a thread records
+    [submitted, token times...]."""
+    from .serving.request import Request
+
+    request = Request(list(prompt), lambda row, generated: int(row.argmax()), lambda token: False, new_tokens)
+    times = [time.perf_counter()]
+    stream = engine.submit(request)
+
+    def consume() -> None:
+        for _ in stream:
+            times.append(time.perf_counter())
+    thread = threading.Thread(target=consume)
+    thread.start()
+    return thread, times
+
+
+def _percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
+
+
+def serve_level(engine, prompt: list[int], level: int, cfg: ServeConfig) -> dict:
+    """One concurrency level: `level` requests serially, then at once (the last joins the running batch)."""
+    start = time.perf_counter()
+    for _ in range(level):
+        thread, _ = _timed(engine, prompt, cfg.new_tokens)
+        thread.join()
+    serial_s = time.perf_counter() - start
+    concurrent_s, streams, joins = [], [], []
+    for _ in range(cfg.repeats):
+        start = time.perf_counter()
+        runs = [_timed(engine, prompt, cfg.new_tokens) for _ in range(level - 1)]
+        while any(len(times) < 2 for _, times in runs):  # the batch is decoding
+            time.sleep(0.001)
+        runs.append(_timed(engine, prompt, cfg.new_tokens))  # joins it
+        for thread, _ in runs:
+            thread.join()
+        concurrent_s.append(time.perf_counter() - start)
+        joins.append(runs[-1][1][1] - runs[-1][1][0])
+        streams += [(cfg.new_tokens - 1) / (times[-1] - times[1]) for _, times in runs if times[-1] > times[1]]
+    best = min(concurrent_s)
+    return {
+        "concurrency": level, "serial_s": serial_s, "concurrent_s": best, "speedup": serial_s / best,
+        "aggregate_decode_tokens_per_s": level * cfg.new_tokens / best,
+        "per_stream_decode_tokens_per_s": sum(streams) / len(streams) if streams else None,
+        "ttft_join_p50_s": _percentile(joins, 0.5), "ttft_join_p95_s": _percentile(joins, 0.95),
+    }
+
+
+def run_serve(cfg: ServeConfig) -> dict:
+    results = {"preset": cfg.preset, "device": cfg.device, "prompt_tokens": cfg.prompt_tokens,
+               "new_tokens": cfg.new_tokens, "repeats": cfg.repeats, "models": {}}
+    for kind in cfg.models:
+        from .serving.engine import Engine
+
+        runner, prompt = _serve_runner(kind, cfg, max(cfg.concurrency))
+        engine = Engine(runner)
+        _timed(engine, prompt, 2)[0].join()  # warm-up
+        levels = [serve_level(engine, prompt, level, cfg) for level in cfg.concurrency]
+        param = next(runner.model.parameters())
+        results["models"][kind] = {"dtype": dtype_name(param.dtype), "levels": levels,
+                                   "peak_memory_gb": peak_memory_gb(torch.device(cfg.device))}
+        del engine, runner
+        gc.collect()
+    return results
+
+
+def serve_report(result: dict) -> str:
+    lines = [f"batching engine, {result['preset']} shapes on {result['device']}, prompt {result['prompt_tokens']} "
+             f"+ {result['new_tokens']} new tokens (best of {result['repeats']})"]
+    for kind, r in result["models"].items():
+        lines.append(f"{kind} ({r['dtype']}), peak memory {r['peak_memory_gb']:.2f} GB")
+        lines.append("  concurrency  serial s  at once s  speedup  aggregate tok/s  per-stream tok/s  join TTFT p50/p95 s")
+        for x in r["levels"]:
+            per = x["per_stream_decode_tokens_per_s"]
+            lines.append(f"  {x['concurrency']:>11}  {x['serial_s']:>8.2f}  {x['concurrent_s']:>9.2f}  {x['speedup']:>7.2f}"
+                         f"  {x['aggregate_decode_tokens_per_s']:>15.1f}  {per if per is None else round(per, 1):>16}"
+                         f"  {x['ttft_join_p50_s']:.3f}/{x['ttft_join_p95_s']:.3f}")
+    return "\n".join(lines)
+
+
+def add_serve_parser(sub) -> None:
+    serve = sub.add_parser("serve", help="the batching engine: serial vs concurrent replies on random weights")
+    serve.add_argument("--model", default="glm,t5", help="glm, t5 or both (default glm,t5)")
+    serve.add_argument("--concurrency", default="1,2,4,8", help="levels, e.g. 1,2,4,8")
+    serve.add_argument("--preset", choices=("mid", "tiny"), default="mid")
+    serve.add_argument("--dtype", choices=sorted(DTYPES), type=str.lower, default=None,
+                       help="default: each model's default for the device (GLM bf16 / T5 fp32 on CPU)")
+    serve.add_argument("--device", default="cpu")
+    serve.add_argument("--prompt-tokens", type=int, default=64)
+    serve.add_argument("--new-tokens", type=int, default=32)
+    serve.add_argument("--repeats", type=int, default=3)
+    serve.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    serve.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def serve_config(parser: argparse.ArgumentParser, args: argparse.Namespace) -> ServeConfig:
+    try:
+        levels = tuple(int(x) for x in args.concurrency.split(","))
+    except ValueError:
+        parser.error(f"--concurrency must be integers separated by commas, got {args.concurrency!r}")
+    models = tuple(m.strip() for m in args.model.split(","))
+    if not set(models) <= {"glm", "t5"} or not models:
+        parser.error(f"--model must be glm, t5 or glm,t5, got {args.model!r}")
+    if min(levels) < 1 or args.prompt_tokens < 2 or args.new_tokens < 2 or args.repeats < 1:
+        parser.error("--concurrency levels and --repeats must be at least 1, --prompt-tokens and --new-tokens at least 2")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return ServeConfig(models=models, concurrency=levels, preset=args.preset, dtype=args.dtype, device=args.device,
+                       prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens, repeats=args.repeats)
+
+
 def parse_args(argv: list[str] | None) -> tuple[BenchConfig, bool]:
     parser = argparse.ArgumentParser(prog="python -m bianque.bench", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="what", required=True)
@@ -391,9 +555,12 @@ def parse_args(argv: list[str] | None) -> tuple[BenchConfig, bool]:
                      help="memory-bandwidth limit to compare decoding with (default: from the GPU's properties)")
     glm.add_argument("--json", action="store_true", help="print one JSON object")
     add_api_parser(sub)
+    add_serve_parser(sub)
     args = parser.parse_args(argv)
     if args.what == "api":
         return api_config(parser, args), args.json
+    if args.what == "serve":
+        return serve_config(parser, args), args.json
     big = args.preset == "6b"
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -413,6 +580,10 @@ def parse_args(argv: list[str] | None) -> tuple[BenchConfig, bool]:
 
 def main(argv: list[str] | None = None) -> int:
     cfg, as_json = parse_args(argv)
+    if isinstance(cfg, ServeConfig):
+        result = run_serve(cfg)
+        print(json.dumps(result) if as_json else serve_report(result))
+        return 0
     if not isinstance(cfg, BenchConfig):  # `api`: a load test of a running server
         from .serving import loadtest
 

@@ -1,0 +1,35 @@
+"""`python -m bianque.bench serve` on tiny shapes: it runs both models and reports every field."""
+import json
+
+import pytest
+
+from bianque import bench
+
+
+def test_serve_bench_reports_every_level_and_field(capsys):
+    assert bench.main(["serve", "--preset", "tiny", "--concurrency", "1,3", "--prompt-tokens", "6",
+                       "--new-tokens", "3", "--repeats", "2", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert (result["preset"], result["prompt_tokens"], result["new_tokens"]) == ("tiny", 6, 3)
+    assert set(result["models"]) == {"glm", "t5"}
+    assert result["models"]["glm"]["dtype"] == "bfloat16" and result["models"]["t5"]["dtype"] == "float32"
+    for model in result["models"].values():
+        assert model["peak_memory_gb"] > 0
+        assert [x["concurrency"] for x in model["levels"]] == [1, 3]
+        for x in model["levels"]:
+            assert x["serial_s"] > 0 and x["concurrent_s"] > 0
+            assert x["speedup"] == pytest.approx(x["serial_s"] / x["concurrent_s"])
+            assert x["aggregate_decode_tokens_per_s"] == pytest.approx(x["concurrency"] * 3 / x["concurrent_s"])
+            assert x["per_stream_decode_tokens_per_s"] > 0
+            assert 0 < x["ttft_join_p50_s"] <= x["ttft_join_p95_s"] < x["concurrent_s"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--concurrency", "1,x"], "--concurrency must be integers"),
+    (["--model", "gpt"], "--model must be glm, t5 or glm,t5"),
+    (["--concurrency", "0"], "at least 1"),
+])
+def test_serve_bench_refuses_bad_arguments(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        bench.main(["serve", *argv])
+    assert message in capsys.readouterr().err
