@@ -65,7 +65,7 @@ def running_server(tmp_path_factory, *extra: str, env: dict | None = None):
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    with running_server(tmp_path_factory) as s:
+    with running_server(tmp_path_factory, "--v1-max-batch", "3") as s:
         yield s
 
 
@@ -95,6 +95,14 @@ def user(text):
 
 def test_models_lists_the_three_loaded_models(client):
     assert [m.id for m in client.models.list().data] == ["bianque-1.0", "bianque-2.0", "bianque-coq"]
+
+
+def test_health_names_each_models_engine_batch(server):
+    from bianque.settings import DEFAULT_MAX_BATCH
+
+    # --v1-max-batch 3 reached BianQue-1.0's engine; BianQue-2.0 has the CPU default
+    assert httpx.get(server["url"] + "/health").json()["max_batch"] == {"bianque-1.0": 3,
+                                                                        "bianque-2.0": DEFAULT_MAX_BATCH["cpu"]}
 
 
 @pytest.mark.parametrize("model", ["bianque-1.0", "bianque-2.0", "bianque-coq"])

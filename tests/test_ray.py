@@ -86,6 +86,10 @@ def wait_for_replicas(deployment: str, n: int, timeout: float = 90) -> None:
 
 def test_models_and_coq_through_the_ingress(client, ray_server):
     assert [m.id for m in client.models.list().data] == ["bianque-1.0", "bianque-2.0", "bianque-coq"]
+    from bianque.settings import DEFAULT_MAX_BATCH
+
+    batch = DEFAULT_MAX_BATCH["cpu"]  # each replica batches on the same engine as the plain server
+    assert httpx.get(ray_server + "/health").json()["max_batch"] == {"bianque-1.0": batch, "bianque-2.0": batch}
     reply = httpx.post(ray_server + "/v1/chat/completions", json={
         "model": "bianque-coq", "messages": user("我胸口疼"), "temperature": 0, "max_tokens": 8,
         "bianque": {"advise_now": True}}, timeout=120).json()

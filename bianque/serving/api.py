@@ -15,6 +15,7 @@ import logging
 import threading
 import time
 import uuid
+from contextlib import aclosing
 from dataclasses import replace
 from typing import Any, Callable, Iterator, Literal, Optional
 
@@ -256,6 +257,14 @@ class Server:
         ids = [MODEL_NAMES[k] for k in ("v1", "v2") if k in loaded]
         return ids + (["bianque-coq"] if {"v1", "v2"} <= set(loaded) else [])
 
+    def batching(self) -> dict[str, int]:
+        """Replies each loaded model generates at once on its engine (0: one at a time)."""
+        out = {}
+        for kind, doctor in (self.doctors or {}).items():
+            engine = getattr(doctor, "engine", None)
+            out[MODEL_NAMES[kind]] = getattr(doctor, "max_batch", None) or (engine.runner.max_batch if engine else 0)
+        return out
+
     def authorised(self, request: Request) -> bool:
         if not self.api_key:
             return True
@@ -313,7 +322,7 @@ def create_app(load: Callable[[], dict], api_key: str | None = None, max_questio
             return JSONResponse({"status": "error", "error": server.load_error}, status_code=503)
         if server.doctors is None:
             return JSONResponse({"status": "loading"}, status_code=503)
-        return JSONResponse({"status": "ok", "models": server.models()})
+        return JSONResponse({"status": "ok", "models": server.models(), "max_batch": server.batching()})
 
     @app.get("/metrics")
     async def metrics() -> Response:
@@ -341,11 +350,23 @@ def create_app(load: Callable[[], dict], api_key: str | None = None, max_questio
             finished(server, job, "error")
             raise
         if req.stream:
-            return StreamingResponse(stream_events(server, job, chunks), media_type="text/event-stream",
+            return ClosingStreamingResponse(stream_events(server, job, chunks), media_type="text/event-stream",
                                      headers=headers | {"Cache-Control": "no-cache"})
         return JSONResponse(await whole_reply(server, job, chunks), headers=headers)
 
     return app
+
+
+class ClosingStreamingResponse(StreamingResponse):
+    """Closes its body generator when the response ends for any reason. Starlette leaves a stream
+    whose client went away to the garbage collector, so the reply's ``finally`` (cancelling the
+    generation, freeing its engine slot, counting the outcome) could wait for a GC cycle."""
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.body_iterator.aclose()
 
 
 async def parse_request(request: Request) -> ChatRequest:
@@ -420,8 +441,9 @@ def count_tokens(server: Server, job: Job) -> dict[str, int]:
 async def whole_reply(server: Server, job: Job, chunks: Iterator[str]) -> dict[str, Any]:
     outcome = "error"
     try:
-        async for _ in pieces(server, job, chunks):
-            pass
+        async with aclosing(pieces(server, job, chunks)) as stream:
+            async for _ in stream:
+                pass
         usage = await anyio.to_thread.run_sync(count_tokens, server, job)
         outcome = "ok"
     finally:
@@ -465,8 +487,9 @@ async def stream_events(server: Server, job: Job, chunks: Iterator[str]):
     try:
         yield sse(chunk({"role": "assistant", "content": ""}))
         try:
-            async for piece in pieces(server, job, chunks):
-                yield sse(chunk({"content": piece}))
+            async with aclosing(pieces(server, job, chunks)) as stream:
+                async for piece in stream:
+                    yield sse(chunk({"content": piece}))
             usage = await anyio.to_thread.run_sync(count_tokens, server, job)
         except Exception as exc:
             outcome = "error"

@@ -47,6 +47,10 @@ class BianqueModel:
     def default_params(self) -> Any:
         return self.doctor.default_params
 
+    def max_batch(self) -> int:
+        engine = getattr(self.doctor, "engine", None)
+        return engine.runner.max_batch if engine is not None else 0
+
     async def reply(self, turns: Sequence[Turn], params: Any):
         """The reply's pieces; when the caller cancels, the doctor's iterator is closed (its
         generation cancelled) once the piece being made is done."""
@@ -70,6 +74,7 @@ class ReplicaDoctor:
     def __init__(self, handle: DeploymentHandle) -> None:
         self.handle = handle
         self.default_params = self._call("default_params")
+        self.max_batch = self._call("max_batch")  # of one replica (all load alike)
 
     def _call(self, method: str, *args: Any) -> Any:
         for attempt in range(RETRIES):
