@@ -85,7 +85,12 @@ def test_record_feedback_review_and_export_in_chromium(tiny_models, tmp_path):
         page.get_by_role("heading", name=f"问诊 #{cid}").wait_for()
         _idle(page)
         bubbles = page.locator('[data-testid="stChatMessage"]')
-        assert bubbles.count() == 4
+        try:  # the four recorded turns (elements arrive one by one)
+            page.wait_for_function("() => document.querySelectorAll('[data-testid=\"stChatMessage\"]').length === 4",
+                                   timeout=60_000)
+        except sync_api.TimeoutError:
+            raise AssertionError(f"the review page shows {bubbles.count()} turns, not 4") from None
+        _idle(page)
         assert messages[0] in bubbles.nth(0).inner_text() and messages[1] in bubbles.nth(2).inner_text()
         assert first_reply.strip().split("\n")[0] in bubbles.nth(1).inner_text()
         bubbles.nth(1).get_by_text("医生意见").click()
