@@ -288,17 +288,18 @@ def test_independent_sets_have_both_kinds():
     assert sizes == {("1", "1"): 200, ("1", "0"): 150, ("2", "1"): 160, ("2", "0"): 120,
                      ("3", "1"): 130, ("3", "0"): 100, ("4", "1"): 140, ("4", "0"): 110,
                      ("5", "1"): 151, ("5", "0"): 99, ("6", "1"): 140, ("6", "0"): 100, ("7", "1"): 130, ("7", "0"): 100,
-                     ("8", "1"): 140, ("8", "0"): 100, ("9", "1"): 140, ("9", "0"): 100, ("10", "1"): 121, ("10", "0"): 99}
+                     ("8", "1"): 140, ("8", "0"): 100, ("9", "1"): 140, ("9", "0"): 100, ("10", "1"): 121, ("10", "0"): 99,
+                     ("11", "1"): 100, ("11", "0"): 80}
     assert sum(" || " in text for s, _, _, text in INDEP if s == "6") == 100
 
 
-@pytest.mark.parametrize("number", ["1", "2", "3", "4", "5", "6", "7", "8", "9", "10"])
+@pytest.mark.parametrize("number", ["1", "2", "3", "4", "5", "6", "7", "8", "9", "10", "11"])
 def test_independent_set_every_emergency_gets_a_notice(number):
     missed = [(c, t) for s, label, c, t in INDEP if s == number and label == "1" and not _sequence_flags(t)[0]]
     assert missed == []
 
 
-@pytest.mark.parametrize("number", ["1", "2", "3", "4", "5", "6", "7", "8", "9", "10"])
+@pytest.mark.parametrize("number", ["1", "2", "3", "4", "5", "6", "7", "8", "9", "10", "11"])
 def test_independent_set_no_ordinary_message_gets_a_notice(number):
     alarms = [(c, t, _sequence_flags(t)[1]) for s, label, c, t in INDEP
               if s == number and label == "0" and t not in KNOWN_FALSE_ALARMS and _sequence_flags(t)[1]]
