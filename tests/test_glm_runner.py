@@ -305,3 +305,33 @@ def test_load_refuses_a_kv_cache_that_does_not_fit(monkeypatch, advisor, tmp_pat
                                              r"BIANQUE_MAX_BATCH\) to 2 or less"):
         load_advisor(path, device="cpu", dtype="float32", max_batch=4)
     assert load_advisor(path, device="cpu", dtype="float32", max_batch=2).engine.runner.max_batch == 2
+
+
+def test_a_reply_closed_from_another_thread_while_it_is_read_stops(advisor):
+    """A server reads a reply in a worker thread and closes it from another when the client goes
+    away: close() does not fail on the running generator, and the request leaves the engine."""
+    batched = GLMAdvisor(advisor.model, advisor.tokenizer, "tiny", V2Params(max_length=256), max_batch=1)
+    gate, decode = threading.Event(), batched.engine.runner.decode
+    batched.engine.runner.decode = lambda slots, tokens: (gate.wait(30), decode(slots, tokens))[1]
+    reply, pieces, errors = batched.reply(DIALOGUES[2], V2Params(GREEDY, max_length=256)), [], []
+
+    def read():
+        try:
+            pieces.extend(reply)
+        except BaseException as exc:  # surfaced below
+            errors.append(exc)
+    worker = threading.Thread(target=read)
+    worker.start()
+    request = None
+    deadline = time.monotonic() + 10
+    while request is None and time.monotonic() < deadline:
+        request = getattr(getattr(reply, "_lane", None), "request", None)
+        time.sleep(0.01)
+    assert request.started.wait(10)
+    time.sleep(0.05)  # the worker is inside next(), waiting for the gated step
+    reply.close()
+    gate.set()
+    worker.join(10)
+    assert not worker.is_alive() and not errors
+    wait_idle(batched.engine)
+    assert request.cancelled and len(request.generated) <= 3

@@ -55,10 +55,15 @@ class Reply:
         return next(self._text)
 
     def close(self) -> None:
-        if self._text is not None:
-            self._text.close()
+        """Stop: safe from another thread while one is inside `next` (a server's worker thread
+        reading the reply while its client disconnects); that `next` then ends the reply."""
         if self._entered:
             self._lane.leave()
+        if self._text is not None:
+            try:
+                self._text.close()
+            except ValueError:  # "generator already executing" in another thread: the lane stops it
+                pass
 
     def __del__(self) -> None:  # an abandoned reply must not hold a slot or a turn
         try:
@@ -105,8 +110,9 @@ class Turns:
         with self._cond:
             if self._holder is ticket:
                 return True
-            if not self._cond.wait_for(lambda: self._holder is None and self._queue[0] is ticket, timeout):
-                return False
+            turn = lambda: self._holder is None and self._queue[0] is ticket  # noqa: E731
+            if not self._cond.wait_for(lambda: ticket not in self._queue or turn(), timeout) or ticket not in self._queue:
+                return False  # still waiting, or it left the queue meanwhile
             self._holder = self._queue.popleft()
             return True
 
@@ -124,10 +130,12 @@ class Turns:
 
 
 class SoloLane:
-    """`generate()` runs in the caller's thread once it is this reply's turn."""
+    """`generate()` runs in the caller's thread once it is this reply's turn; `leave()` from
+    another thread stops it at the next token and the turn passes on when it has stopped."""
 
     def __init__(self, turns: Turns, generate: Callable[[], Iterator[int]]):
         self.turns, self.generate = turns, generate
+        self.stopped = self.running = False
 
     def enter(self) -> None:
         self.turns.join(self)
@@ -136,11 +144,19 @@ class SoloLane:
         return None if self.turns.wait(self, timeout) else self.turns.ahead(self)
 
     def tokens(self) -> Iterator[int]:
-        self.turns.wait(self, None)
+        if not self.turns.wait(self, None):  # it left (closed) before its turn came
+            return
+        self.running = True
         try:
-            yield from self.generate()
+            for token in self.generate():
+                if self.stopped:
+                    return
+                yield token
         finally:
-            self.leave()
+            self.running = False
+            self.turns.leave(self)
 
     def leave(self) -> None:
-        self.turns.leave(self)
+        self.stopped = True
+        if not self.running:
+            self.turns.leave(self)
