@@ -16,7 +16,8 @@ import torch
 from .errors import ModelLoadError
 from .prompt import DOCTOR, PATIENT, Turn
 from .session import ADVISE_NOW_TEXT, MODEL_NAMES
-from .settings import ENV_VARS, HUB_ENV_VARS, Settings, add_settings_arguments, env_help, settings_from_args
+from .settings import (ENV_VARS, HUB_ENV_VARS, Settings, add_record_argument, add_settings_arguments, env_help,
+                       settings_from_args)
 
 MODES = ("v1", "v2", "coq")
 ADVISE_EMPTY = "（请先描述您的情况，再输入 /advise 请求建议；也可以一起输入：/advise 头疼三天了）"
@@ -54,6 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_settings_arguments(chat)
     add_generation_arguments(chat)
     chat.add_argument("--json", action="store_true", help="stdin lines in, one JSON object per reply out")
+    add_record_argument(chat)
     dl = sub.add_parser("download", help="fetch the checkpoints for offline use", epilog=env_help(list(HUB_ENV_VARS)),
                         formatter_class=raw)
     dl.add_argument("--to", help="directory to put them in (default: the Hugging Face cache)")
@@ -202,9 +204,59 @@ def chat(args: argparse.Namespace) -> int:
         torch.manual_seed(settings.seed)
     doctors = remote_doctors(args.mode, settings) if settings.server else load_doctors(args.mode, settings)
     respond = make_responder(args.mode, doctors, args, settings.max_questions)
+    recorder = Recorder.open(settings.record, args.mode, settings) if settings.record else None
     if args.json:
-        return run_json(respond, sys.stdin, sys.stdout)
-    return run_interactive(respond, args.mode, settings.max_questions)
+        return run_json(respond, sys.stdin, sys.stdout, recorder)
+    return run_interactive(respond, args.mode, settings.max_questions, recorder)
+
+
+class Recorder:
+    """Opt-in recording of terminal consultations (``--record [URL]``), as the apps record theirs: a
+    consultation per dialogue (``/clear`` starts the next), each patient turn with its red flags and
+    each reply with its stage, model and stopped flag. A database that cannot be written prints one
+    notice and the consultation goes on unrecorded; nothing is logged."""
+
+    def __init__(self, store, mode: str, settings: Settings) -> None:
+        self.store, self.mode, self.consultation = store, mode, None
+        self.models = {v: {"source": getattr(settings, v).model, "device": getattr(settings, v).device,
+                           "dtype": getattr(settings, v).dtype} for v in ("v1", "v2") if mode in (v, "coq")}
+
+    @classmethod
+    def open(cls, url: str, mode: str, settings: Settings) -> "Recorder | None":
+        from .records import RecordsError, open_store
+
+        try:
+            recorder = cls(open_store(url), mode, settings)
+        except RecordsError as exc:
+            print(f"（记录数据库不可用：{exc}；本次问诊不记录）", file=sys.stderr)
+            return None
+        print("（本次问诊将被记录，用于医生评估；不想记录请去掉 --record / BIANQUE_RECORD）", file=sys.stderr)
+        return recorder
+
+    def clear(self) -> None:
+        if self.consultation is not None and self.store is not None:
+            self._safely(lambda: self.store.finish_consultation(self.consultation))
+        self.consultation = None
+
+    def reply(self, patient: str, flags: Sequence, stage: str, model: str, text: str, stopped: bool) -> None:
+        def write() -> None:
+            if self.consultation is None:
+                self.consultation = self.store.start_consultation(f"cli-{self.mode}", models=self.models)
+            self.store.add_turn(self.consultation, PATIENT, patient, red_flags=[f.name for f in flags])
+            self.store.add_turn(self.consultation, DOCTOR, text, stage=stage, model=model, stopped=stopped)
+        if self.store is not None:
+            self._safely(write)
+
+    def _safely(self, write) -> None:
+        from sqlalchemy.exc import SQLAlchemyError
+
+        from .records import RecordsError
+
+        try:
+            write()
+        except (RecordsError, SQLAlchemyError, OSError) as exc:
+            print(f"（记录失败：{type(exc).__name__}；之后的对话不再记录）", file=sys.stderr)
+            self.store = None
 
 
 def handle_line(text: str, turns: list[Turn], respond: Responder) -> tuple[str, Reply | None]:
@@ -244,20 +296,25 @@ def emergency_notice(flags: Sequence) -> str:
     return "\n".join(lines)
 
 
-def run_json(respond: Responder, stdin: TextIO, stdout: TextIO) -> int:
+def run_json(respond: Responder, stdin: TextIO, stdout: TextIO, recorder: Recorder | None = None) -> int:
     turns: list[Turn] = []
     for line in stdin:
         action, reply = handle_line(line, turns, respond)
         if action == "quit":
             break
+        if action == "clear" and recorder is not None:
+            recorder.clear()
         if action == "advise-empty":
             print(ADVISE_EMPTY, file=sys.stderr)
         if reply is None:
             continue
         from .safety import flag_dict
 
-        flags = [flag_dict(f) for f in patient_flags(turns)]  # before the reply joins the turns
+        raw_flags = patient_flags(turns)  # before the reply joins the turns
+        flags = [flag_dict(f) for f in raw_flags]
         text = "".join(reply.chunks)
+        if recorder is not None:
+            recorder.reply(turns[-1].text, raw_flags, reply.stage, reply.model, text, False)
         turns.append(Turn(DOCTOR, text, reply.stage))
         obj = {"stage": reply.stage, "model": reply.model, "text": text, "red_flags": flags}
         stdout.write(json.dumps(obj, ensure_ascii=False) + "\n")
@@ -291,7 +348,7 @@ def stream_reply(reply: Reply, out: TextIO) -> tuple[str, bool]:
     return "".join(parts), False
 
 
-def run_interactive(respond: Responder, mode: str, max_questions: int) -> int:
+def run_interactive(respond: Responder, mode: str, max_questions: int, recorder: Recorder | None = None) -> int:
     from .router import GREETING
     from .serving.remote import RemoteError
 
@@ -318,6 +375,8 @@ def run_interactive(respond: Responder, mode: str, max_questions: int) -> int:
             return 0
         if action == "clear":
             print("（已开始新的问诊）", file=out)
+            if recorder is not None:
+                recorder.clear()
         if action == "advise-empty":
             print(ADVISE_EMPTY, file=out)
         if reply is None:
@@ -337,6 +396,8 @@ def run_interactive(respond: Responder, mode: str, max_questions: int) -> int:
             print(f"\nerror: {exc}（这条消息未能回复，可以再发一次）", file=sys.stderr)
             continue
         print(" ［已停止］" if stopped else ("" if text else "（模型没有生成内容，请再试一次）"), file=out)
+        if text and recorder is not None:
+            recorder.reply(turns[-1].text, flags, reply.stage, reply.model, text, stopped)
         if text:
             turns.append(Turn(DOCTOR, text, reply.stage))
         else:

@@ -254,3 +254,40 @@ def test_interactive_notice_lists_every_flag_with_its_explanation_and_action(mon
         "  现在可以做：记下症状开始的时间，让患者躺下、头偏向一侧，不要喂水喂药。\n"
         "医生［BianQue-1.0］：多久了？"
     ) in out
+
+
+def test_record_flag_stores_the_terminal_consultation(tmp_path, monkeypatch, capsys):
+    """--record: the CLI says it records, stores each patient turn (with its red flags) and reply,
+    and /clear starts a new consultation; `records show --json` gives them back as typed."""
+    from bianque.cli import Recorder
+    from bianque.records import open_store
+    from bianque.settings import settings_from_args
+
+    url = f"sqlite:///{tmp_path / 'r.db'}"
+    monkeypatch.delenv("BIANQUE_RECORD", raising=False)
+    settings = settings_from_args(fake_args(argv=["--record", url]), max_batch=1)
+    assert settings.record == url
+    recorder = Recorder.open(settings.record, "v1", settings)
+    assert "本次问诊将被记录" in capsys.readouterr().err
+    doc = FakeDoctor([["多久了？"], ["别紧张。"], ["好的。"]])
+    respond = make_responder("v1", {"v1": doc}, fake_args(argv=["--greedy"]), 8)
+    run_json(respond, io.StringIO("胸口疼，出了一身冷汗\n两天\n/clear\n头晕\n"), io.StringIO(), recorder)
+    store = open_store(url)
+    first, second = (store.get_consultation(i) for i in store.consultation_ids())
+    assert [(t["role"], t["text"], t["stage"]) for t in first["turns"]] == [
+        ("patient", "胸口疼，出了一身冷汗", None), ("doctor", "多久了？", "question"),
+        ("patient", "两天", None), ("doctor", "别紧张。", "question")]
+    assert first["turns"][0]["red_flags"] == ["chest_pain"] and first["app"] == "cli-v1"
+    assert [(t["role"], t["text"]) for t in second["turns"]] == [("patient", "头晕"), ("doctor", "好的。")]
+
+
+def test_record_database_that_cannot_be_opened_is_a_notice(tmp_path, capsys):
+    from bianque.cli import Recorder
+    from bianque.settings import settings_from_args
+
+    (tmp_path / "ro").mkdir()
+    (tmp_path / "ro").chmod(0o500)
+    url = f"sqlite:///{tmp_path / 'ro' / 'sub' / 'r.db'}"
+    settings = settings_from_args(fake_args(argv=["--record", url]), max_batch=1)
+    assert Recorder.open(url, "v1", settings) is None
+    assert "本次问诊不记录" in capsys.readouterr().err
