@@ -69,6 +69,7 @@ class BenchConfig:
     tokenizer: str | None = None
     compile: bool = False
     bandwidth_gbps: float | None = None  # overrides the limit read from the GPU's properties
+    save_checkpoint: str | None = None  # write random weights there instead of benchmarking
 
 
 def _fill_(tensor: torch.Tensor, bound: float, generator: torch.Generator) -> None:
@@ -100,6 +101,39 @@ def random_model(config: GLMConfig, dtype: torch.dtype, device: torch.device, pa
         elif pack and module is not model.transformer.final_layernorm:
             pack_linears_(module)
     return model.eval()
+
+
+def save_random_checkpoint(config: GLMConfig, directory: str, shards: int = 3, seed: int = 0) -> str:
+    """Write random float16 weights of `config`'s shape in BianQue-2's hub layout (`shards`
+    `pytorch_model-0000k-of-0000n.bin` files, their `.index.json` and `config.json`; the tied head
+    only as the embedding), so load times and `convert` can be measured without the hub. Blocks
+    are split over the shards in order, the embedding in the first, the final LayerNorm in the
+    last; one fp16 copy of the model is held (12.3 GB for 6B)."""
+    from pathlib import Path
+
+    path = Path(directory)
+    path.mkdir(parents=True, exist_ok=True)
+    model = random_model(config, torch.float16, torch.device("cpu"), pack=False, seed=seed)
+    state = {name: p for name, p in model.state_dict().items() if name != "lm_head.weight"}
+    layers = config.num_layers
+    per_shard = -(-layers // shards)
+
+    def shard_of(name: str) -> int:
+        if name.startswith("transformer.layers."):
+            return int(name.split(".")[2]) // per_shard
+        return 0 if "word_embeddings" in name else shards - 1
+
+    weight_map, total = {}, 0
+    for k in range(shards):
+        filename = f"pytorch_model-{k + 1:05d}-of-{shards:05d}.bin"
+        part = {name: t for name, t in state.items() if shard_of(name) == k}
+        torch.save(part, path / filename)
+        weight_map.update({name: filename for name in part})
+        total += sum(t.numel() * t.element_size() for t in part.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (path / "pytorch_model.bin.index.json").write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+    (path / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n", encoding="utf-8")
+    return str(path)
 
 
 def synchronize(device: torch.device) -> None:
@@ -553,6 +587,9 @@ def parse_args(argv: list[str] | None) -> tuple[BenchConfig, bool]:
                      help="static KV cache + torch.compile'd decode step (CUDA graphs on CUDA); compile time reported apart")
     glm.add_argument("--bandwidth-gbps", type=float, default=None,
                      help="memory-bandwidth limit to compare decoding with (default: from the GPU's properties)")
+    glm.add_argument("--save-checkpoint", metavar="DIR",
+                     help="instead: write random fp16 weights of the preset's shape in BianQue-2's hub layout "
+                          "(3 .bin shards) to DIR, to measure --checkpoint loads and convert offline")
     glm.add_argument("--json", action="store_true", help="print one JSON object")
     add_api_parser(sub)
     add_serve_parser(sub)
@@ -569,7 +606,7 @@ def parse_args(argv: list[str] | None) -> tuple[BenchConfig, bool]:
     cfg = BenchConfig(preset=args.preset, dtype=args.dtype, device=args.device, pack=not args.no_pack,
                       quantize=args.quantize, checkpoint=args.checkpoint, consultation=args.consultation,
                       max_length=args.max_length, tokenizer=args.tokenizer, compile=args.compile,
-                      bandwidth_gbps=args.bandwidth_gbps)
+                      bandwidth_gbps=args.bandwidth_gbps, save_checkpoint=args.save_checkpoint)
     cfg = replace(cfg, prompt_tokens=args.prompt_tokens or (64 if big else 128),
                   new_tokens=args.new_tokens or (12 if big else 32), repeats=args.repeats or (1 if big else 3),
                   matvec_mb=args.matvec_mb or (256 if big else 512))
@@ -590,6 +627,11 @@ def main(argv: list[str] | None = None) -> int:
         result = loadtest.run_load(cfg)
         print(json.dumps(result) if as_json else loadtest.report(result))
         return 1 if result["errors"] else 0
+    if cfg.save_checkpoint:
+        start = time.perf_counter()
+        where = save_random_checkpoint(PRESETS[cfg.preset], cfg.save_checkpoint)
+        print(f"random {cfg.preset} checkpoint (fp16, hub layout) written to {where} in {time.perf_counter() - start:.0f} s")
+        return 0
     result = run_glm(cfg)
     print(json.dumps(result) if as_json else report(result))
     return 0

@@ -108,3 +108,21 @@ def test_bench_on_an_int4_converted_checkpoint_reports_quantize_4(tmp_path, caps
     assert bench.main(argv) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["quantize"] == 4
+
+
+def test_save_checkpoint_writes_the_hub_layout_that_the_loader_reads_back(tmp_path, monkeypatch, capsys):
+    from bianque.glm.loader import load_model
+
+    monkeypatch.setitem(bench.PRESETS, "mid", TINY)
+    assert bench.main(["glm", "--preset", "mid", "--save-checkpoint", str(tmp_path / "ckpt")]) == 0
+    assert str(tmp_path / "ckpt") in capsys.readouterr().out
+    files = sorted(p.name for p in (tmp_path / "ckpt").iterdir())
+    assert files == ["config.json", "pytorch_model-00001-of-00003.bin", "pytorch_model-00002-of-00003.bin",
+                     "pytorch_model-00003-of-00003.bin", "pytorch_model.bin.index.json"]
+    index = json.loads((tmp_path / "ckpt" / "pytorch_model.bin.index.json").read_text())["weight_map"]
+    assert index["transformer.word_embeddings.weight"].startswith("pytorch_model-00001")
+    assert index["transformer.final_layernorm.weight"].startswith("pytorch_model-00003")
+    loaded = load_model(tmp_path / "ckpt", dtype=torch.float16)
+    expected = bench.random_model(TINY, torch.float16, torch.device("cpu"), pack=False)
+    for (name, a), (_, b) in zip(loaded.state_dict().items(), expected.state_dict().items()):
+        assert torch.equal(a, b), name
