@@ -30,16 +30,21 @@ def free_port() -> int:
 
 
 @contextmanager
-def running_server(tmp_path_factory, *extra: str, env: dict | None = None):
-    """`python -m bianque serve` on tiny models in a subprocess, until the block ends:
-    yields {"url", "log", "v1", "v2"} once /health says ok."""
+def running_server(tmp_path_factory, *extra: str, env: dict | None = None, models: dict | None = None,
+                   key: str | None = KEY):
+    """`python -m bianque serve` on tiny models (built here unless `models` gives {"v1", "v2"}
+    paths) in a subprocess, until the block ends: yields {"url", "log", "v1", "v2"} once /health
+    says ok. `key=None`: a server without an API key."""
     from tests.tiny_glm import build_tiny_glm
     from tests.tiny_t5 import build_tiny_t5
 
-    v1 = build_tiny_t5(tmp_path_factory.mktemp("v1"))
-    v2 = build_tiny_glm(tmp_path_factory.mktemp("v2"))
+    v1 = models["v1"] if models else build_tiny_t5(tmp_path_factory.mktemp("v1"))
+    v2 = models["v2"] if models else build_tiny_glm(tmp_path_factory.mktemp("v2"))
     port = free_port()
-    env = dict(os.environ, PYTHONPATH=str(ROOT), BIANQUE_API_KEY=KEY, OMP_NUM_THREADS="1") | (env or {})
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1") | (env or {})
+    env.pop("BIANQUE_API_KEY", None)
+    if key is not None:
+        env["BIANQUE_API_KEY"] = key
     log = tmp_path_factory.mktemp("log") / "server.log"
     with open(log, "w") as out:
         proc = subprocess.Popen([sys.executable, "-m", "bianque", "serve", "--v1-model", str(v1), "--v2-model", str(v2),

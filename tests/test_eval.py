@@ -344,33 +344,12 @@ def test_bad_inputs_are_clear_errors(tmp_path, capsys):
     assert "--data and --mode are required" in capsys.readouterr().err
 
 
-def test_coq_through_a_running_server(tiny, tmp_path, capsys):
+def test_coq_through_a_running_server(tiny, tmp_path, tmp_path_factory, capsys):
     """`--server URL`: the same run against `python -m bianque serve` (a real process) on the tiny models."""
-    import socket
-    import time
+    from tests.test_api import running_server
 
-    import httpx
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    env.pop("BIANQUE_API_KEY", None)
-    log = (tmp_path / "server.log").open("w")
-    proc = subprocess.Popen([sys.executable, "-m", "bianque", "serve", "--v1-model", tiny["v1"], "--v2-model", tiny["v2"],
-                             "--device", "cpu", "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 120
-        while True:
-            assert proc.poll() is None, (tmp_path / "server.log").read_text()
-            try:
-                if httpx.get(url + "/health").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.time() < deadline, "server did not become ready"
-            time.sleep(0.3)
+    with running_server(tmp_path_factory, models=tiny, key=None) as server:
+        url = server["url"]
         out = tmp_path / "remote"
         code, io = run_eval(["--data", DIALOGUES, "--mode", "coq", "--server", url, "--out", out, "--greedy",
                              "--max-new-tokens", "8", "--batch", "3"], capsys)
@@ -383,7 +362,3 @@ def test_coq_through_a_running_server(tiny, tmp_path, capsys):
         code, io = run_eval(["--data", DIALOGUES, "--mode", "v2", "--server", url, "--out", tmp_path / "x",
                              "--max-length", "64"], capsys)
         assert code == 2 and "--max-length" in io.err  # cannot be sent to a server: said, not ignored
-    finally:
-        proc.terminate()
-        proc.wait(30)
-        log.close()
