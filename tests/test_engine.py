@@ -21,6 +21,7 @@ class FakeRunner:
         self.batches: list[tuple[str, int]] = []
         self.fail_prompt: int | None = None  # a prompt starting with this id raises in prefill
         self.oom_at_batch: int | None = None  # the next decode of this many slots runs out of memory
+        self.oom_prefill_over: int | None = None  # a prefill of more prompts than this runs out of memory
         self.gate = gate
 
     def _logits(self, seq):
@@ -32,6 +33,8 @@ class FakeRunner:
         assert all(0 <= s < self.max_batch and s not in self.seqs for s in slots)
         if any(p[0] == self.fail_prompt for p in prompts):
             raise ValueError("bad prompt")
+        if self.oom_prefill_over is not None and len(slots) > self.oom_prefill_over:
+            raise torch.OutOfMemoryError("simulated")
         for s, p in zip(slots, prompts):
             self.seqs[s] = list(p)
         self.batches.append(("prefill", len(slots)))
@@ -152,6 +155,17 @@ def test_out_of_memory_in_a_step_fails_its_requests_and_the_engine_keeps_serving
             list(s)
     assert runner.seqs == {}
     assert run_all(engine, [greedy(p, 4) for p in PROMPTS]) == [solo(p, 4) for p in PROMPTS]
+
+
+def test_newcomers_too_many_for_one_prefill_are_prefilled_one_by_one():
+    """Out of memory in a batched prefill is not the requests' fault: each is retried alone."""
+    runner = FakeRunner(max_batch=4)
+    runner.oom_prefill_over = 1
+    engine = Engine(runner)
+    with engine._cond:  # all three are admitted at the same step boundary
+        streams = [engine.submit(greedy(p, 4)) for p in PROMPTS[:3]]
+    assert [list(s) for s in streams] == [solo(p, 4) for p in PROMPTS[:3]]
+    assert [b for b in runner.batches if b[0] == "prefill"] == [("prefill", 1)] * 3
 
 
 def test_max_new_tokens_must_be_positive():

@@ -113,6 +113,74 @@ def test_batched_step_logits_match_a_solo_forward(advisor, prompts):
         logits = runner.decode(slots, tokens)
 
 
+def test_batched_prefill_equals_each_prompt_prefilled_alone(advisor, prompts):
+    """Prompts of different lengths in one left-padded forward: each row's logits and the keys and
+    values cached for its real tokens are its solo prefill's (fp32, 1e-4), and so are the next
+    decode step's logits (its pads, cached past its length, stay invisible)."""
+    model, chosen, slots = advisor.model, [prompts[i] for i in (0, 4, 1, 2)], [6, 2, 0, 5]
+    assert len({len(p) for p in chosen}) == 4
+    together, alone = GLMRunner(model, max_batch=8, capacity=CAPACITY), GLMRunner(model, max_batch=8, capacity=CAPACITY)
+    batched = together.prefill(slots, chosen)
+    solo = torch.cat([alone.prefill([slot], [prompt]) for slot, prompt in zip(slots, chosen)])
+    torch.testing.assert_close(batched, solo, atol=1e-4, rtol=0)
+    assert together.lengths == alone.lengths and together.positions == alone.positions
+    for slot, prompt in zip(slots, chosen):
+        for mine, theirs in zip(together.caches, alone.caches):
+            torch.testing.assert_close(mine.keys[slot, :, :len(prompt)], theirs.keys[slot, :, :len(prompt)], atol=1e-4, rtol=0)
+            torch.testing.assert_close(mine.values[slot, :, :len(prompt)], theirs.values[slot, :, :len(prompt)], atol=1e-4, rtol=0)
+    tokens = [int(t) for t in solo.argmax(-1)]
+    torch.testing.assert_close(together.decode(slots, tokens), alone.decode(slots, tokens), atol=1e-4, rtol=0)
+
+
+def recording_prefills(runner) -> list[int]:
+    """Wrap runner.prefill to record how many prompts each call got."""
+    sizes, prefill = [], runner.prefill
+
+    def record(slots, prompts):
+        sizes.append(len(slots))
+        return prefill(slots, prompts)
+    runner.prefill = record
+    return sizes
+
+
+def submit_at_once(engine, requests):
+    """Submit while holding the engine's lock: its loop admits them all at the same step boundary."""
+    with engine._cond:
+        return [engine.submit(r) for r in requests]
+
+
+def test_newcomers_at_one_step_boundary_prefill_in_one_forward(advisor, prompts, solo):
+    runner = GLMRunner(advisor.model, max_batch=8, capacity=CAPACITY)
+    sizes, engine = recording_prefills(runner), Engine(runner)
+    streams = submit_at_once(engine, [request(advisor, ids, n, f) for ids, n, f in zip(prompts, LIMITS, MIN_NEW)])
+    assert [list(s) for s in streams] == solo
+    assert sizes == [8]
+
+
+def test_a_bad_prompt_among_newcomers_fails_alone(advisor, prompts, solo):
+    """One prompt without a mask token and one longer than a slot, admitted with three good ones:
+    the batched prefill is refused before it runs, each is retried alone, the bad two fail with
+    their own message, the good three give their solo outputs."""
+    gmask = advisor.model.config.gmask_token_id
+    no_mask = [t for t in prompts[1] if t != gmask]
+    too_long = prompts[4] * 3
+    runner = GLMRunner(advisor.model, max_batch=8, capacity=CAPACITY)
+    assert len(too_long) >= CAPACITY
+    sizes, engine = recording_prefills(runner), Engine(runner)
+    jobs = [request(advisor, prompts[0], LIMITS[0], MIN_NEW[0]), request(advisor, no_mask, 5),
+            request(advisor, prompts[2], LIMITS[2], MIN_NEW[2]), request(advisor, too_long, 5),
+            request(advisor, prompts[5], LIMITS[5], MIN_NEW[5])]
+    streams = submit_at_once(engine, jobs)
+    assert list(streams[0]) == solo[0] and list(streams[2]) == solo[2] and list(streams[4]) == solo[5]
+    with pytest.raises(ValueError, match="gMASK"):
+        list(streams[1])
+    with pytest.raises(ValueError, match="capacity of 160"):
+        list(streams[3])
+    assert sizes == [5, 1, 1, 1, 1, 1]
+    wait_idle(engine)
+    assert runner.lengths == [None] * 8
+
+
 def test_request_joining_mid_generation(advisor, prompts, solo):
     engine = Engine(GLMRunner(advisor.model, max_batch=8, capacity=CAPACITY))
     first = engine.submit(request(advisor, prompts[0], LIMITS[0], MIN_NEW[0]))

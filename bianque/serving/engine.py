@@ -107,15 +107,16 @@ class Engine:
         """Run one forward and advance each request by its logits row; False if it raised and `isolate`."""
         try:
             logits = forward()
-        except torch.OutOfMemoryError as error:
-            log.warning("out of memory in a step of %d requests", len(requests))
-            self._fail(requests, error)
-            return True
         except Exception as error:
-            if isolate:  # forget the half-started batch; the caller retries each request alone
+            # A bad prompt, or newcomers too many for memory in one batched prefill: forget the
+            # half-started batch; the caller retries each request alone (a solo prefill needs
+            # no more memory than before batching).
+            if isolate:
                 for request in requests:
                     self.runner.release(request.slot)
                 return False
+            if isinstance(error, torch.OutOfMemoryError):
+                log.warning("out of memory in a step of %d requests", len(requests))
             self._fail(requests, error)
             return True
         for request, row in zip(requests, logits):
