@@ -83,7 +83,9 @@ def gap(n: int, banned: str = "") -> str:
 U = "@@"
 
 # --- findings (regex alternations) ------------------------------------------------------------
-SEIZE = r"(?<![腿脚])抽(?!筋|血|烟|空|屉|出|时间|水)"
+SEIZE = r"(?<![腿脚])抽(?!筋|血|烟|空|屉|出|时间|水|动症|动障碍)"
+# an acid, not a drug salt ("盐酸氨基葡萄糖片", "硫酸亚铁"): real questions about medicines name these salts
+ACID = r"(硫酸|盐酸)(?!\w{0,12}(片|胶囊|颗粒|注射液|口服液|缓释|溶液|滴|喷|膏|凝胶|栓|粉|丸|亚铁|镁|锌|钡|羟氯喹|氨基))"
 NUM = r"[0-9一二三四五六七八九十两几半]"
 SEVERE = (r"(?<!不)(?<!不太)(?<!没那么)(厉害|剧烈|剧痛|要命|受不了|遭不住|扛不住|吃不消|忍不了|难以忍受|撕心裂肺|钻心|刀割|刀绞|"
           r"撕裂|要炸|炸开|裂开|死去活来|打滚|直不起腰|疼死|痛死|喘不|冒冷汗|出冷汗|大汗)")
@@ -109,15 +111,15 @@ FACE = (r"(嘴|口角|嘴角|脸|面部|眼角|半边脸)" + gap(4) + r"(歪|斜
         r"嘴角" + gap(2) + r"(流口水|漏|流)")
 WEAK = r"(软了|无力|冇力|冇劲|麻木|发麻|麻了|不能动|没力气|没劲|动不了|抬不起|像不是自己的|不是自己的|举不起|抬不动|举不动|筷子掉|不听使唤|不灵|拿不住|使不上劲|握不住|瘫|垂着|耷拉着)"
 LIMB = r"(肢体|身体|身子|手脚|胳膊|手臂|手|腿|脚|上肢|下肢)"
-ONE_SIDE = (r"(一侧|一边|半边|单侧|半身|偏身|左半|右半)" + gap(8) + WEAK + r"|半身不遂|偏瘫|口眼歪斜|往一边(倒|歪)|"
-            r"(左|右)(边|侧)?的?(手脚|手和脚|胳膊和腿|手和腿|半身)" + gap(4) + WEAK)
+ONE_SIDE = (r"(一侧|一边|半边|单侧|(?<![上下])半身|偏身|左半|右半)" + gap(8) + WEAK + r"|半身不遂|偏瘫|口眼歪斜|往一边(倒|歪)|"
+            r"(左|右)(边|侧)?的?(手脚|手和脚|胳膊和腿|手和腿|半身)" + gap(4) + WEAK + r"|(左手左脚|右手右脚|左胳膊左腿|右胳膊右腿|左手左腿|右手右腿)" + gap(4) + WEAK)
 ONE_LIMB = r"((左|右)(边|侧)?的?|一(只|条|边|侧))" + gap(2) + LIMB + gap(6) + WEAK
 APHASIA = r"(说的话|讲的话)" + gap(4) + r"听不懂|看不懂" + gap(6) + r"(消息|字)|乱七八糟的词|听不懂" + gap(4) + r"(说话|讲话|说的|的话)|答非所问|(讲|说)(话)?" + gap(2) + r"唔清"
 SPEECH = (r"(说话|讲话|口齿|吐字|言语|舌头)" + gap(4) + r"(不清|含糊|不利索|大舌头|发硬|不灵|颠三倒四|语无伦次)|"
           r"(说|讲)(话)?(也|都)?(不利索|不清楚|不清|含糊|不出来)|前言不搭后语|含含糊糊|话" + gap(2) + r"含(含)?糊|舌头" + gap(2) + r"大了|"
           r"(说不出话|不会说话|说不了话|话都说不)")
 VISION_LOSS = r"(一只眼|一边眼|眼睛|左眼|右眼|看东西)?" + gap(3) + r"(看不见|失明|重影|什么都看不到)"
-STROKE_NAMES = r"中风|脑梗|脑卒中|卒中|脑出血|脑溢血"
+STROKE_NAMES = r"(?<!术)(?<!其)(?<!集)中风(?!险)|脑梗|脑卒中|卒中|脑出血|脑溢血"
 DRAG_LEG = r"(腿|脚)" + gap(4) + r"拖着|拖着" + gap(2) + r"(腿|走)|走路" + gap(4) + r"(拖|往一边)"
 # confusion, unresponsiveness: an emergency whatever the cause; DROWSY only with another danger sign
 DROWSY = r"迷迷瞪瞪|迷瞪|眼神发直|不吭声|变了个人|乱发脾气|打晃|(讲|说)话乱|迷迷糊糊|迷糊|糊涂|糊里糊涂|昏昏(沉沉|欲睡)|昏睡|嗜睡|反应(慢|迟钝|差)|呆呆|眼神发直|答非所问|哼一声|只哼"
@@ -169,10 +171,18 @@ CHOKE = r"(哽住|卡了|卡住|卡到|噎住|噎到|呛到|呛着|呛了|被呛
 CHOKE_SIGNS = (r"咝咝|嘶嘶|哨|声音" + gap(2) + r"变了|嘶哑|喊不出|叫不出|面" + gap(2) + r"(青|紫)|咳不出|憋得|憋红|憋紫|脸" + gap(3) + r"(红|紫|青)|喘|说不出|发不出声|哭不出|呼噜|呼吸" + gap(4) + r"(困难|不上|费劲)|"
                r"上不来气|透不过气|吸不进")
 BREATH_UNLESS = r"压力|工作|学习|作业|生活|心里|憋屈"
-ALLERGEN = (r"过敏|蜂|蜇|蛰|肾上腺素|坚果|染发|染完头发|染头|(换|吃|服|用|打)(了|完|过)" + gap(10) + r"(药|布洛芬|阿司匹林|青霉素|头孢|抗生素|消炎药)|打(了)?" + gap(4) + r"针|输液|(吃|喝)(了|完|过)" + gap(6) +
+ALLERGEN = (r"过敏|蜂(?!蜜|王浆|胶|窝煤)|蜇|蛰|肾上腺素|坚果|染发|染完头发|染头|(换|吃|服|用|打)(了|完|过)" + gap(10) + r"(药|布洛芬|阿司匹林|青霉素|头孢|抗生素|消炎药)|打(了)?" + gap(4) + r"针|输液|(吃|喝)(了|完|过)" + gap(6) +
             r"(海鲜|花生|虾|蟹|芒果|坚果|药)|青霉素|头孢|造影")
+# the same, but a medicine taken for days or months is no sudden exposure: only with airway signs
+ALLERGEN_RECENT = ALLERGEN.replace(r"(换|吃|服|用|打)(了|完|过)" + gap(10), r"(换|吃|服|用|打)(了|完|过)" + gap(10, r"天|周|月|年|段时间"))
 AIRWAY = (r"(喉咙|嗓子|喉头|气管)" + gap(4) + r"(发紧|肿|堵|紧|卡)|胸口憋|憋得慌|嘶哑|哑了|吹哨|哨音|胸口?发?闷|心慌|一直咳|肾上腺素笔|头晕眼花|眼前发黑|" + LOW_BP + "|呼吸困难|喘不|上不来气|透不过气|"
-          r"(嘴唇|舌头|脸|眼皮|眼睛|嘴)" + gap(3) + r"(肿|大了)|(喉咙|嗓子)" + gap(4) + r"(掐|勒|堵住|锁住|捏住)|舌头" + gap(3) + r"麻|血压" + gap(2) + r"(低|掉|下降)|晕倒|站不住")
+          r"(嘴唇|舌头|脸|眼皮|眼睛|嘴)" + gap(3) + r"(肿(?!了?一?点|了?一些|了?些)|大了)|(喉咙|嗓子)" + gap(4) + r"(掐|勒|堵住|锁住|捏住)|舌头" + gap(3) + r"麻|血压" + gap(2) + r"(低|掉|下降)|晕倒|站不住")
+# Someone known to have epilepsy: a fit that stops by itself is their illness, not an emergency
+# (first-aid guidance: call 120 when it lasts over 5 minutes, repeats, or they do not come round).
+EPILEPSY = r"癫痫|羊癫疯|羊角风"
+EPILEPSY_KNOWN = (r"(有|患有?|患上了?|得(了|过)|确诊|诊断)(的)?(是|为)?" + gap(2) + r"(" + EPILEPSY + r")(?!吗)|(" + EPILEPSY + r")" + gap(2) +
+                  r"(病史|患者|病人|又犯|又发|复发|发作的?频率|好几年|多年|很多年|几年了|的毛病|老毛病|的护理|日常护理)|抽动症")
+SEIZURE_LONG = (r"又" + gap(4) + r"抽|第二次|反复抽|一直抽|抽个不停|还没停|停不下来|没停|连着|接着抽|没醒|醒不过来|叫不醒|" + NUM + r"+多?分钟")
 SEIZURE = (r"(?<!眼皮)(?<!眼睛)(?<!嘴角)(?<!肌肉)(?<!腿)(?<!胃)(?<!脸)抽搐|抽风|癫痫发作|羊癫疯|口吐白沫|浑身抽|四肢抽"
            r"@@眼皮|肌肉跳|小腿|腿肚|嘴角|面肌")
 UNCONSCIOUS = "|".join((
@@ -204,7 +214,7 @@ POISON = "|".join((
     r"(?<![0-9.])([1-9][0-9]|[1-9][0-9]{2})(片|粒|颗)|(一整板|一整瓶|一整盒)" + gap(2) + r"(扑热息痛|对乙酰氨基酚|布洛芬|阿司匹林|安定|安眠药|地西泮|艾司唑仑|阿普唑仑|降压药|降糖药|二甲双胍|感冒药|退烧药|止痛药)",
     r"(消毒液|消毒水|消毒剂|84|洗洁精|洁厕|漂白|清洁剂|洗衣液|农药|敌敌畏|百草枯|老鼠药|汽油|煤油|甲醇)" + gap(8) + r"(喝|吃|吞|咽)(了|下|进)|(喝|吃|吞|误)(了|下)?" + gap(12) + r"(消毒液|84消毒|洁厕|漂白水|农药|敌敌畏|百草枯|老鼠药)",
     r"偷吃|误吃|误服|误食|误喝|误吞|当(成)?糖" + gap(2) + r"吃|(药|药片|药丸)" + gap(6) + r"被" + gap(6) + r"(吃|吞)",
-    r"(喝|吃|吞|误)(了|下)?" + gap(6) + r"(消毒液|消毒水|消毒剂|84|洗洁精|洁厕|漂白|清洁剂|洗衣液|洗衣凝珠|硫酸|盐酸|汽油|煤油|火碱|烧碱|干燥剂|水银|甲醇|工业酒精|假酒|疏通剂|除垢剂|纽扣电池|电池|磁铁)",
+    r"(喝|吃|吞|误)(了|下)?" + gap(6) + r"(消毒液|消毒水|消毒剂|84|洗洁精|洁厕|漂白|清洁剂|洗衣液|洗衣凝珠|" + ACID + r"|汽油|煤油|火碱|烧碱|干燥剂|水银|甲醇|工业酒精|假酒|疏通剂|除垢剂|纽扣电池|电池|磁铁)",
     r"(84|消毒液|漂白)" + gap(8) + r"(洁厕|混)",
     r"当(成|作)" + gap(6) + r"(喝|吃)|(一百|几十|[二三四五六七八九]十)多?(片|粒|颗)|(药|片|胶囊|布洛芬|扑热息痛|对乙酰氨基酚|阿司匹林|安眠药|降压药|降糖药|感冒药)" + gap(4) + r"(吃|吞)了" + gap(2) + r"(半盒|半瓶|一盒|一瓶|一板|整盒|整瓶)",
     r"一氧化碳|煤气中毒|煤气泄漏|燃气泄漏|烧炭|酒精中毒|食物中毒|(?<!铅)(?<!像)(?<!跟)(?<!难吃到)中毒(?!性)",
@@ -233,7 +243,7 @@ BURN = "|".join((
     r"(大面积|全身|整条|半身|一大片)" + gap(6) + r"(烧伤|烫伤|烫|烧)",
     r"(脸|面部|头面部|眼睛|会阴|胸口|后背|大腿|手臂|全身|半身)(上|部)?" + gap(3) + r"(烧伤|烧焦|烧烂|炸伤|烫烂)",
     r"(洁厕灵|洁厕|84|消毒液|漂白|清洁剂|石灰|硫酸|盐酸|强酸|强碱|火碱|烧碱|生石灰|化学品)" + gap(6) + r"(溅|进)" + gap(2) + r"眼|(硫酸|盐酸|强酸|强碱|火碱|烧碱|生石灰|化学品)" + gap(6) + r"(溅|泼|洒|进|烧|弄到)",
-    r"触电|(?<!静)(?<!静电)被电(打|击|到|了)|(?<!静)(?<!静电)电(到|了)一下|插座" + gap(6) + r"(电|麻)|电击|雷劈|被雷|(火灾|着火|失火)" + gap(8) + r"(吸|呛|烟)|烧伤面积" + gap(4) + r"大",
+    r"(?<!像)(?<!想)(?<!如)触电(?!一样|一般|般|似的|的感觉|感)|(?<!静)(?<!静电)被电(打|击|到|了)|(?<!静)(?<!静电)电(到|了)一下|插座" + gap(6) + r"(电|麻)|电击|雷劈|被雷|(火灾|着火|失火)" + gap(8) + r"(吸|呛|烟)|烧伤面积" + gap(4) + r"大",
 ))
 INJURY = r"滑下|滑倒|绊倒|踩空|摔|跌|撞|车祸|砸|掉下|滚下|栽下"
 INJURY_SIGNS = (r"躺了" + gap(6) + r"(多久|一晚|一夜|好久|几个小时)|人冰凉|大腿根|髋|起不来|搬不动|歪了|咔嚓|往外撇|没(有)?知觉|没感觉了|抬不起|不能动|瘫|弯得不对|畸形|错位|动不了|站不起来|爬不起来|变形|外翻|弯成|骨头" + gap(2) + r"(露|戳|出来)|(喘气|呼吸|吸气)" + gap(2) + r"(很|特别)?(疼|痛)|"
@@ -241,8 +251,8 @@ INJURY_SIGNS = (r"躺了" + gap(6) + r"(多久|一晚|一夜|好久|几个小时
 FIRE = r"爆炸|着火|火灾|失火|烟|烧"
 INHALATION = r"嘶哑|哑了|黑痰|痰" + gap(3) + r"黑|咳" + gap(6) + r"黑|吸了" + gap(4) + r"烟|鼻毛" + gap(2) + r"烧"
 STINGS = r"一群|一窝|好多只|几十|二三十|三四十|[2-9][0-9]个|十几|满身|全身|好几十"
-IMMUNE_LOW = r"化疗|白细胞" + gap(2) + r"(很低|低|少)|粒细胞|免疫抑制|器官移植|移植后"
-SCALD = r"滚汤|汤|粥|泼|炸了|爆了|烧|烫|烧伤|开水|热水|热油|滚油|热汤|油锅|蒸汽|火焰|爆炸"
+IMMUNE_LOW = r"化疗|白细胞" + gap(2) + r"(很低|低|少)|粒细胞" + gap(4) + r"(减少|缺乏|很低|低|少)|免疫抑制|器官移植|移植后"
+SCALD = r"滚汤|汤|粥|泼|炸了|爆了|(?<![发高低退])烧(?!烤|饭|菜|香|钱|纸|水|退|到?[0-9三四])|着火|火(?!锅|车|气|腿)|烫|烧伤|开水|热水|热油|滚油|热汤|油锅|蒸汽|火焰|爆炸"
 BURN_EXTENT = (r"皮(是)?白的|皮发白|好大的?(水)?泡|泼" + gap(4) + r"(脸|胸|身上|腿)|烧到" + gap(4) + r"(脖子|脸|胸|和)|好多地方|好几处|烧黑|烧焦|两条腿|一片一片|全烫|脱皮|起晒泡|成块|成片|大块|一大片|大面积|一大块|全身|满身|从" + gap(6) + r"到|(胸口|肚子|后背|脸|大腿)和|起泡" + gap(4) + r"(一大片|好多|很多|一片)|"
                r"(好多|很多|一片|大)的?(水)?泡|皮" + gap(2) + r"(掉|脱|烂|没)了?")
 HEAT = r"中暑|大中午|地里干活|干农活|大太阳|半马|全马|跑完|越野|马拉松|长跑|跑步|军训|训练|高温|太阳底下|暴晒|工地|桑拿|闷热|大热天|烈日|晒了|热得|车里|天太热|热射|(没|不)开空调|空调坏|屋里" + gap(2) + r"热|蒸笼"
@@ -289,13 +299,13 @@ PAIN_EXTREME = (r"捅了?一刀|像刀|不敢喘|弯起|弯腰|一碰就疼|刀�
                 r"弯着腰|(疼|痛)到" + gap(2) + r"(后背|背)")
 OBSTRUCTION = (r"(不|没)(有)?(排气|放屁)|不拉" + gap(4) + r"不放|肚子" + gap(4) + r"胀得" + gap(4) + r"(鼓|球|石头)|吐" + gap(6) + r"(绿|黄绿|胆汁|粪)")
 TESTIS = r"(蛋蛋|睾丸|阴囊)" + gap(6) + r"(剧痛|突然|肿|疼|痛)"
-LOW_SUGAR = r"低血糖|血糖" + gap(8) + r"(低|掉|测不出|(?i:lo)(?![a-z])|[0-2]\.[0-9])|糖尿病|胰岛素|降糖药"
+LOW_SUGAR = r"低血糖|血糖" + gap(8) + r"(低|掉|测不出|(?i:lo)(?![a-z])|(?<![0-9])[0-2]\.[0-9])|糖尿病|胰岛素|降糖药"
 REDUCED = (DROWSY + r"|不理(我|人)|傻笑|光笑|冷汗|大汗|叫不醒|喊不醒|昏迷|意识|神志|迷糊|糊涂|说胡话|胡言乱语|答非所问|反应" + gap(2) + r"(慢|迟钝)|不认人|认不出|呆|" + ALTERED + "|"
            + SEIZE + r"|晕倒|昏倒|晕过去|没反应|呼之不应|嗜睡|昏睡|喂不进|咽不下")
 NO_URINE = (r"只有" + gap(2) + r"(一片|一次)" + gap(2) + r"尿布|换了?" + gap(2) + r"一次尿布|尿" + gap(6) + r"(一点点|很少|深褐|褐色)|(一天|一整天|大半天|" + NUM + r"+个?小时|一晚上|整晚|好久|半天|从早上|昨天|一上午)" + gap(6) +
             r"(没|没有|不)(有)?(尿|小便|撒尿|尿尿|排尿)|尿(量)?" + gap(3) + r"(很少|特别少|几乎没有|没了|都没有)|"
             r"没(有)?(尿|小便)了?|尿不湿" + gap(6) + r"(干|没湿)|尿布" + gap(4) + r"干")
-FLUID_LOSS = r"淘米水|没(好好)?喝水|喝水" + gap(2) + r"少|不喝水|米汤(样|一样)|(?<!喝)吐|呕|拉|腹泻|泻|喝不进|不吃不喝|喝水" + gap(2) + r"吐|脱水|吃不下|喝不下|吃不进|滴水不进"
+FLUID_LOSS = r"淘米水|没(好好)?喝水|喝水" + gap(2) + r"少|不喝水|米汤(样|一样)|(?<!喝)吐(?!泡|痰|口水|舌)|呕|拉|腹泻|泻|喝不进|不吃不喝|喝水" + gap(2) + r"吐|脱水|吃不下|喝不下|吃不进|滴水不进"
 DRY_SIGNS = (DROWSY + r"|蔫|没精神|嘴巴" + gap(2) + r"干|有气无力|半天不回去|囟门" + gap(3) + r"(凹|陷)|哭声" + gap(6) + r"弱|嘴唇" + gap(2) + r"干(裂|起皮)|嗜睡|不回弹|弹不回来|回弹" + gap(2) + r"慢|昏昏欲睡|眼窝" + gap(3) + r"(凹|陷)|前囟" + gap(3) + r"(凹|陷)|哭" + gap(3) + r"没(有)?眼泪|皮肤" + gap(4) + r"(回弹|弹不回|皱)|"
              r"叫不醒|没反应|昏睡|精神" + gap(4) + r"(萎靡|很差|极差)|软绵绵")
 SELF_HARM = "|".join((
@@ -320,6 +330,7 @@ DROWNING = (r"(脸|头|口鼻)" + gap(2) + r"(埋|扎|泡|浸|闷)(在|进)" + g
             r"从" + gap(2) + WATER + gap(4) + r"(捞|救|拉)(上来|出来)|(捞|救)上来")
 CHOKING_NOW = r"(被|突然)?(噎住|卡住喉咙|卡住了喉咙)了?@@经常|容易|老是|总是|有时"
 BP_HIGH = r"血压" + gap(6) + r"(1[89][0-9]|2[0-9][0-9])"
+BP_EXTREME = r"(血压|高压|收缩压)" + gap(6) + r"(2[2-9][0-9])(?![0-9])"  # 220 and over: the emergency department whatever else
 BP_MEASURED = r"(测|量)(了|出)?" + gap(4) + r"(1[89][0-9]|2[0-9]{2})"
 BP_SIGNS = r"胸口" + gap(2) + r"(痛|疼|闷)|头(痛|疼)|头" + gap(3) + r"(痛|疼|晕)|胸(痛|疼|闷)|看不清|眼花|视物模糊|恶心|(?<!喝)吐|说话不清|手脚" + gap(2) + r"麻|心慌"
 FEVER_ANY = r"发烧|发热|高烧|高热|烧到|体温" + gap(4) + r"(3[89]|4[0-2])"
@@ -327,7 +338,8 @@ PURPLE_RASH = r"(紫色|紫红|紫黑|暗红)" + gap(4) + r"(斑|点|疹|块)|�
 HELP = r"救命(啊|呀)?$|快救|救救(我|他|她|孩子|我的|我爸|我妈|我老|宝宝)|快来人"
 DESPAIR = r"不想(再)?(拖累|连累|撑)|撑不住了|拖累|连累|成了负担|撑不下去|熬不下去|坚持不下去|活着太累|没有希望|绝望"
 MEANS = (r"(药|安眠药)" + gap(4) + r"(都在|摆在|放在|摆好)|(药|绳子|绳|刀|炭|农药)" + gap(6) + r"(准备好|买好|备好|攒|数出来)|(买好|准备好|备好)了?" + gap(4) + r"(炭|木炭|绳|药|刀|农药|胶带)|"
-         r"(窗户|门窗|门缝)" + gap(4) + r"(封|贴)|药" + gap(2) + r"(都|全部?)(吃|吞)(了|掉|光)")
+         r"(窗户|门窗|门缝)" + gap(4) + r"(封|贴)|药" + gap(2) + r"((都|全部?)(吞)(了|掉|光)|(都|全部?)吃(掉|光)|全部?吃了)|"
+         r"把" + gap(8) + r"药" + gap(2) + r"(都|全部?)(吃|吞)(了|掉|光)")
 PLAN = MEANS + r"|今晚" + gap(4) + r"结束|结束吧|了结|最后一天"
 FAREWELL = r"谢谢" + gap(4) + r"(这些年|照顾)|别找(我|他|她)|不要找(我|他|她)|谢谢你" + gap(2) + r"陪我|对不起(大家|你们|爸妈|爸爸妈妈|所有人)|不想回去了|永别|下辈子|再见了|最后一天|托付给"
 EDGE = r"(桥|楼顶|天台|顶楼|窗台|阳台|江边|河边|悬崖)"
@@ -371,7 +383,7 @@ RULES: tuple[RedFlag, ...] = (
             supersedes=("breathing_difficulty", "unconsciousness"),
             action="抽搐时让孩子侧躺，不要往嘴里塞任何东西、不要掐人中，记下抽搐持续的时间。"),
     RedFlag("anaphylaxis", "过敏后喉咙发紧、呼吸困难、嘴唇或面部肿胀、头晕站不住，可能是严重过敏反应（过敏性休克）；用药后全身起泡、脱皮、口眼溃烂是严重药疹。" + CALL_120,
-            (("过敏性休克",), (ALLERGEN, AIRWAY),
+            (("过敏性休克",), (ALLERGEN_RECENT, AIRWAY),
              (ALLERGEN, r"(嘴|眼睛|口腔)" + gap(4) + r"(起泡|溃烂|烂了)|皮" + gap(4) + r"(一块块|一碰就|大片)" + gap(2) + r"掉|全身起泡")),
             supersedes=("breathing_difficulty", "unconsciousness"),
             action="远离过敏原，随身有肾上腺素笔立即使用；让患者平躺抬高双腿，呼吸困难时可坐起。"),
@@ -379,7 +391,7 @@ RULES: tuple[RedFlag, ...] = (
             ((BREATHING + U + BREATH_UNLESS,), (CHOKE, CHOKE_SIGNS), (CHOKING_NOW,)),
             action="让患者坐起、松开衣领；被异物噎住不能说话时立即用海姆立克法（腹部冲击）。"),
     RedFlag("unconsciousness", "晕倒、失去意识、叫不醒、抽搐或没有呼吸是急症。请立即拨打120。",
-            ((UNCONSCIOUS,), (SEIZURE,), (SEIZE, r"又" + gap(4) + r"抽|第二次|反复抽|一直抽|抽个不停|还没停|停不下来|没停|" + NUM + r"+多?分钟")),
+            ((UNCONSCIOUS + U + EPILEPSY_KNOWN,), (SEIZURE + U + EPILEPSY_KNOWN,), (SEIZE + r"|" + EPILEPSY, SEIZURE_LONG)),
             action="让患者侧躺保持呼吸道通畅，不要喂水；没有呼吸或心跳时立即开始心肺复苏。"),
     RedFlag("sudden_severe_headache", "突然发生的剧烈头痛（一生中最严重的头痛）伴呕吐或脖子发硬，可能是脑出血或脑膜炎等急症。" + CALL_120,
             ((HEADACHE_WORST,), (HEADACHE_SEVERE + U + HEADACHE_UNLESS, SUDDEN), (HEADACHE_SEVERE + U + HEADACHE_UNLESS, HEAD_ACCOMP),
@@ -433,7 +445,7 @@ RULES: tuple[RedFlag, ...] = (
             action="不要吃喝，不要自行服用止痛药，保持能让疼痛减轻的体位。"),
     RedFlag("hypoglycaemia", "糖尿病患者意识模糊、说胡话、抽搐或叫不醒（严重低血糖），或呕吐、呼吸深快、呼气有烂苹果味（酮症酸中毒），是急症。" + CALL_120,
             ((LOW_SUGAR, REDUCED),
-             (LOW_SUGAR, r"血糖" + gap(6) + r"(往下掉|还在降|[0-2]\.[0-9]|测不出)"), (r"胰岛素|降糖药", r"两遍|打了两次|多打|打重|打多|吃了两次|吃重"),
+             (LOW_SUGAR, r"血糖" + gap(6) + r"(往下掉|还在降|(?<![0-9])[0-2]\.[0-9]|测不出)"), (r"胰岛素|降糖药", r"两遍|打了两次|多打|打重|打多|吃了两次|吃重"),
              (r"糖尿病|血糖", r"烂苹果|喘" + gap(2) + r"大气|(喘气|呼吸)" + gap(4) + r"(深|大口)")),
             supersedes=("unconsciousness",),
             action="能吞咽时立即喂糖水或含糖饮料；叫不醒或不能吞咽时不要喂，让患者侧躺。"),
@@ -455,7 +467,7 @@ RULES: tuple[RedFlag, ...] = (
             supersedes=("unconsciousness",),
             action="记下体温和皮疹出现的时间，不要等退烧再去医院。"),
     RedFlag("hypertensive_crisis", "血压极高（180以上）并伴头痛、胸痛、视物模糊、恶心或说话不清，可能是高血压急症。" + CALL_120,
-            ((BP_HIGH, BP_SIGNS), (r"血压", BP_MEASURED, BP_SIGNS)),
+            ((BP_HIGH, BP_SIGNS), (r"血压", BP_MEASURED, BP_SIGNS), (BP_EXTREME,)),
             action="安静坐下或半躺，不要剧烈活动，不要自行加量服降压药，带上平时吃的药。"),
     RedFlag("heart_rhythm", "心跳极快（每分钟150次以上）或伴眼前发黑、站不住、晕倒，可能是危险的心律失常。" + CALL_120,
             ((VERY_FAST_HR,), (TACHY, FAINT_SIGNS), (CHEST_PAIN, r"(晕倒|晕过去|昏倒|眼前一黑)")),
@@ -498,6 +510,24 @@ FIGURATIVE_BEFORE = re.compile(r"(多|忙|气|虐|折磨|笑|哭|做|改|卷|烦
                                r"|我直接$|给我干$")
 SLANG = re.compile(r"级别|家人们|爱豆|甲方|副本|连跪|彩票|期末|emo|(?i:bug)|(?i:cue)|哈哈哈|xswl|想死的心都有|吐血三升|心碎了?一地|编剧")
 MAX_NEGATION_PREFIX = 24  # characters of a clause examined before a finding
+# Real consultations (tests/data/safety_real.tsv) mostly tell an illness, not an event: a finding
+# said to come and go ("偶尔胸闷", "最近总是头晕、上不来气") is a complaint, not an emergency now
+# (not for thoughts of self-harm: "老是想死" is the warning sign itself).
+HABITUAL_BEFORE = re.compile(r"(偶尔|偶然|有时候?|时不时|时常|经常|常常|老是|总是|间断|间歇|阵发)(?!不停|不断|一直|持续)")
+# A disease's name is an emergency only as something happening now ("我爸可能心梗了"), not as the
+# topic of a question ("血压低会引起心梗吗", "心梗患者吃什么"), a diagnosis ("检查发觉是脑梗") or history.
+NAME_SUSPECTED = re.compile(r"可能|是不是|怀疑|好像|像是|会不会是|估计|突发|突然|刚|正在|现在|快点|赶紧|怎么办")
+NAME_TOPIC = re.compile(r"吗|么|呢|什么|怎么|如何|哪|能否|是否|会不会|严重|治疗|医治|用药|药物|引起|引来|导致|诱发|症状|表现|"
+                        r"原因|病人|患者|病史|后遗症|手术|术后|恢复|康复|检查|病症|几种病|这种病|死亡率|致命")
+NAME_DIAGNOSED = re.compile(r"(发觉|发现|诊断|确诊|查出|检查出|说是|说|患有|患了|患上|有|轻微|轻度|陈旧|腔隙|多发|因)(为|是|了|过|性)?(的|急性|轻微|轻度|陈旧性?|多发性?|腔隙性?|大面积|小面积)*$")
+# An episode the message says was already taken to a doctor ("突然晕倒，送到医院，医生说是癫痫") is
+# history: the clauses up to the last such report are dropped unless one of them says it is now.
+ATTENDED = re.compile(r"送(去|到|往|进)?了?(医院|急诊|抢救)|(去|到|上|带到|带去)了?" + gap(4) + r"(医院|急诊|诊所|卫生院)" + gap(6) +
+                      r"(检查|查|看|拍|做|就诊|诊断|确诊|说)|住院|入院|抢救(过来|回来)|(医生|大夫)(说|诊断|确诊|告诉|讲)|"
+                      r"(检查|诊断|确诊|化验)(出|为|是|结果|后|说|发现|发觉)|查出|发觉是|发现是|去(做)?了?检查|(才|后来)(发现|发觉|知道|知晓)" + gap(4) + r"(是|患|得了)")
+STILL_NOW = re.compile(r"刚才|刚刚|现在|正在|目前|今天|今晚|此刻|还在|仍然|一直在|到现在")
+# A form's field answered "none" ("【放化疗】：没有") names nothing the patient has.
+FIELD_NONE = re.compile(r"[^，。；;,!！?？\n:：]{1,14}[:：]\s*(无|没有|否|暂无|未)(?=[（(，。；;,!！\s]|$)")
 
 
 @lru_cache(maxsize=None)
@@ -558,8 +588,24 @@ def _clauses(text: str) -> list[str]:
     sentences = [s for s in SENTENCE_END.split(flat) if s and not GENERAL_QUESTION.search(s)]
     if PREPARING.search(flat):  # "农药中毒一般该怎么急救？想提前了解一下": asking ahead, about nobody now
         sentences = [s for s in sentences if not (ASKING_HOW.search(s) and not CURRENT.search(s))]
-    clauses = [c for s in sentences for c in CLAUSE_SEPARATORS.split(s) if c]
-    return _drop_resolved_past(clauses)
+    clauses = [c for s in sentences for c in CLAUSE_SEPARATORS.split(FIELD_NONE.sub("", s)) if c]
+    return _drop_attended(_drop_resolved_past(clauses))
+
+
+def _drop_attended(clauses: list[str]) -> list[str]:
+    """"前几天突然晕倒，送到医院，医生说是癫痫，怎么治": what came before the report of a visit is history."""
+    last = None
+    for i, clause in enumerate(clauses):
+        match = ATTENDED.search(clause)
+        if match:
+            last = (i, match.end())
+    if last is None:
+        return clauses
+    i, end = last
+    if any(STILL_NOW.search(c) for c in clauses[:i + 1]):
+        return clauses
+    rest = clauses[i][end:]
+    return ([rest] if rest else []) + clauses[i + 1:]
 
 
 def _drop_resolved_past(clauses: list[str]) -> list[str]:
@@ -575,7 +621,7 @@ def _drop_resolved_past(clauses: list[str]) -> list[str]:
     return kept
 
 
-def _affirmed(regex: re.Pattern[str], unless: re.Pattern[str] | None, clauses: Sequence[str]) -> bool:
+def _affirmed(regex: re.Pattern[str], unless: re.Pattern[str] | None, clauses: Sequence[str], pattern: str = "") -> bool:
     """Whether the finding occurs in some clause, not negated, not past, not cancelled by its message."""
     if unless is not None and any(unless.search(c) for c in clauses):
         return False
@@ -585,13 +631,18 @@ def _affirmed(regex: re.Pattern[str], unless: re.Pattern[str] | None, clauses: S
             after = clause[match.end():]
             past = after.startswith("过") and PAST_START.search(clause)  # "上个月晕倒过一次"
             figurative = FIGURATIVE_BEFORE.search(before) or SLANG.search(clause)  # "做得我脑溢血", "心梗了家人们"
+            habitual = pattern not in NOT_HABITUAL and HABITUAL_BEFORE.search(before)
+            named = pattern in NAMES and not NAME_SUSPECTED.search(clause) and (
+                NAME_TOPIC.search(clause) or NAME_DIAGNOSED.search(before))
             if not (NEGATED_BEFORE.search(before) or PAST_BEFORE.search(before) or NEGATED_AFTER.match(after) or past
-                    or figurative):
+                    or figurative or habitual or named):
                 return True
     return False
 
 
 FINDINGS = tuple(dict.fromkeys(p for rule in RULES for group in rule.when for p in group))
+NAMES = frozenset((STROKE_NAMES, HEART_ATTACK))  # findings that are a disease's name
+NOT_HABITUAL = frozenset(p for rule in RULES if rule.name == "self_harm" for group in rule.when for p in group)
 
 
 @lru_cache(maxsize=128)
@@ -602,7 +653,7 @@ def _findings(text: str) -> frozenset[str]:
     chars = set(joined)
     return frozenset(p for p in FINDINGS
                      if (_starts(p) is None or not _starts(p).isdisjoint(chars)) and _finding(p)[0].search(joined)
-                     and _affirmed(*_finding(p), clauses))
+                     and _affirmed(*_finding(p), clauses, p))
 
 
 def _fired(found: frozenset[str]) -> list[RedFlag]:
