@@ -2,11 +2,14 @@
 (`bianque.glm.generate.generate_tokens`) and a plain no-cache forward (float32, tiny GLM)."""
 from __future__ import annotations
 
+import logging
+import shutil
 import threading
 import time
 
 import pytest
 import torch
+from torch._dynamo.utils import counters
 
 from bianque.glm import load_advisor
 from bianque.glm.advisor import GLMAdvisor, V2Params
@@ -37,6 +40,8 @@ LIMITS = [30, 7, 16, 3, 30, 11, 1, 19]
 # (the same rule in the solo reference, as a logits processor) so replies end at varied steps.
 MIN_NEW = [20, 0, 12, 0, 25, 4, 0, 9]
 CAPACITY = 160
+needs_cxx = pytest.mark.skipif(not (shutil.which("g++") or shutil.which("c++")),
+                               reason="torch.compile on CPU needs a C++ compiler (g++)")
 
 
 @pytest.fixture(scope="module")
@@ -125,9 +130,10 @@ def test_batched_prefill_equals_each_prompt_prefilled_alone(advisor, prompts):
     torch.testing.assert_close(batched, solo, atol=1e-4, rtol=0)
     assert together.lengths == alone.lengths and together.positions == alone.positions
     for slot, prompt in zip(slots, chosen):
-        for mine, theirs in zip(together.caches, alone.caches):
-            torch.testing.assert_close(mine.keys[slot, :, :len(prompt)], theirs.keys[slot, :, :len(prompt)], atol=1e-4, rtol=0)
-            torch.testing.assert_close(mine.values[slot, :, :len(prompt)], theirs.values[slot, :, :len(prompt)], atol=1e-4, rtol=0)
+        mine, theirs, n = together.row[slot], alone.row[slot], len(prompt)
+        for a, b in zip(together.caches, alone.caches):
+            torch.testing.assert_close(a.keys[mine, :, :n], b.keys[theirs, :, :n], atol=1e-4, rtol=0)
+            torch.testing.assert_close(a.values[mine, :, :n], b.values[theirs, :, :n], atol=1e-4, rtol=0)
     tokens = [int(t) for t in solo.argmax(-1)]
     torch.testing.assert_close(together.decode(slots, tokens), alone.decode(slots, tokens), atol=1e-4, rtol=0)
 
@@ -403,3 +409,46 @@ def test_a_reply_closed_from_another_thread_while_it_is_read_stops(advisor):
     assert not worker.is_alive() and not errors
     wait_idle(batched.engine)
     assert request.cancelled and len(request.generated) <= 3
+
+
+# ---------------------------------------------------------------- the compiled engine (--v2-compile)
+
+def graphs() -> int:
+    return counters["stats"]["unique_graphs"]  # Dynamo's count of graphs compiled in this process
+
+
+@needs_cxx
+def test_compiled_engine_gives_the_eager_outputs_with_one_graph_per_bucket(advisor, prompts, solo):
+    """max_batch 2: warm-up (what load_advisor does) compiles the buckets 1 and 2 and nothing
+    else; then eight requests of varied lengths (queueing, joining, leaving: steps of 1 and 2)
+    give the eager engine's outputs, the solo ones, with no further compile."""
+    compiled = GLMAdvisor(advisor.model, advisor.tokenizer, "tiny", V2Params(GREEDY, max_length=CAPACITY),
+                          compile=True, max_batch=2)
+    engine, runner = compiled.engine, compiled.engine.runner
+    before = graphs()
+    compiled.warm_up()
+    assert runner.compiled is not None and runner.buckets == [1, 2] and graphs() - before == 2
+    built, sizes, decode = graphs(), [], runner.decode
+    runner.decode = lambda slots, tokens: (sizes.append(len(slots)), decode(slots, tokens))[1]
+    streams = submit_at_once(engine, [request(advisor, ids, n, f) for ids, n, f in zip(prompts, LIMITS, MIN_NEW)])
+    assert [list(s) for s in streams] == solo
+    assert set(sizes) == {1, 2} and graphs() == built
+    replies = ["".join(compiled.reply(d)) for d in DIALOGUES[:2]]
+    assert replies == ["".join(advisor.reply(d, V2Params(GREEDY, max_length=CAPACITY))) for d in DIALOGUES[:2]]
+    assert graphs() == built
+    wait_idle(engine)
+    assert runner.slot_at == [] and runner.lengths == [None] * 2
+
+
+@pytest.mark.skipif(not (torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()),
+                    reason="no oneDNN bfloat16 packing here")  # torch decides, not the code under test
+def test_packed_bfloat16_engine_decodes_eagerly_when_compile_fails(tmp_path_factory, caplog):
+    path = str(build_tiny_glm(tmp_path_factory.mktemp("tiny_glm_packed")))
+    with caplog.at_level(logging.INFO, logger="bianque.serving.glm_runner"):
+        packed = load_advisor(path, device="cpu", dtype="bfloat16", compile=True, max_batch=2)
+    assert packed.engine.runner.compiled is None
+    notes = [r.getMessage() for r in caplog.records if "cannot compile" in r.getMessage()]
+    assert len(notes) == 1 and "eager steps" in notes[0]
+    eager = load_advisor(path, device="cpu", dtype="bfloat16", max_batch=2)
+    params = V2Params(GREEDY, max_length=96)
+    assert ["".join(packed.reply(d, params)) for d in DIALOGUES[:2]] == ["".join(eager.reply(d, params)) for d in DIALOGUES[:2]]

@@ -87,15 +87,13 @@ class GLMAdvisor:
         self.tokenizer = tokenizer
         self.source = source
         self.default_params = default_params or V2Params()
-        # Every solo reply on a static KV cache with a torch.compile'd decode step (CUDA graphs on
-        # CUDA), compiled once (warm_up, else the first reply) and reused: the capacity is
-        # max_length whatever the prompt, so only a new max_length compiles again. The engine's
-        # batched steps are not compiled yet: with max_batch > 0, `compile` is ignored (logged).
-        if compile and max_batch:
-            log.warning("--v2-compile is not supported on the batching engine yet; BianQue-2.0 decodes "
-                        "eagerly with max_batch %d (max_batch 0 gives the compiled one-at-a-time path)", max_batch)
-        self.compile = compile and not max_batch
-        self.engine = (Engine(GLMRunner(self.model, max_batch, self.default_params.max_length))
+        # `compile`, solo: every reply on a static KV cache with a torch.compile'd decode step
+        # (CUDA graphs on CUDA), compiled once (warm_up, else the first reply) and reused: the
+        # capacity is max_length whatever the prompt, so only a new max_length compiles again.
+        # On the engine: one compiled batched step per batch-size bucket (GLMRunner), all built
+        # by warm_up. Either way a model that cannot be compiled decodes eagerly (logged).
+        self.compile = compile
+        self.engine = (Engine(GLMRunner(self.model, max_batch, self.default_params.max_length, compile=compile))
                        if max_batch else None)
         self._turns = Turns()
         weight = model.transformer.final_layernorm.weight  # linears may be quantised or packed
@@ -105,9 +103,13 @@ class GLMAdvisor:
         self.dtype = dtype_name(weight.dtype) + (f" · int{bits}" if bits else "")
 
     def warm_up(self) -> None:
-        """Compile the decode step now rather than in the first reply: two greedy steps of a
-        fixed greeting (no patient text) with the default max_length, the shape every default
-        reply then reuses."""
+        """Compile the decode step now rather than in the first reply. On the engine: every batch
+        bucket's step (before the engine serves anyone). Solo: two greedy steps of a fixed
+        greeting (no patient text) with the default max_length, the shape every default reply
+        then reuses."""
+        if self.engine is not None:
+            self.engine.runner.warm_up()
+            return
         query = build_prompt([Turn(PATIENT, WARM_UP_MESSAGE)])
         raw = stream_raw(self.model, self.tokenizer, query, self.default_params.max_length,
                          SamplingParams(do_sample=False), compile=self.compile)
@@ -186,8 +188,8 @@ def load_advisor(model: str = V2_REPO, device: str = "cpu", dtype: str | torch.d
                  quantize: int | None = None, compile: bool = False, max_batch: int = 0) -> GLMAdvisor:
     """BianQue-2.0 from a hub id or a local directory, on `device` in `dtype`
     (None: bfloat16 on CPU, float16 on CUDA), optionally with int8/int4 weights; `compile`:
-    decode every reply on a static KV cache with a torch.compile'd step (see generate.py; solo
-    path only); `max_batch` > 0 batches concurrent replies through the serving engine (see GLMAdvisor)."""
+    decode every reply on a static KV cache with a torch.compile'd step (see generate.py; on the
+    engine GLMRunner's compiled step per batch bucket), compiled here; `max_batch` > 0 batches concurrent replies through the serving engine (see GLMAdvisor)."""
     path = resolve_checkpoint(model, "--v2-model or BIANQUE_V2_MODEL")
     options = {}
     if device == "auto" or "," in device:  # whole blocks spread over several GPUs (placement.py)
@@ -224,6 +226,10 @@ def load_advisor(model: str = V2_REPO, device: str = "cpu", dtype: str | torch.d
     if advisor.compile:
         start = time.perf_counter()
         advisor.warm_up()
-        log.info("BianQue-2.0 decode step compiled (warm-up) in %.1f s", time.perf_counter() - start)
+        if advisor.engine is None:
+            log.info("BianQue-2.0 decode step compiled (warm-up) in %.1f s", time.perf_counter() - start)
+        elif advisor.engine.runner.compiled is not None:
+            log.info("BianQue-2.0 batched decode steps compiled for batch sizes %s (warm-up) in %.1f s",
+                     advisor.engine.runner.buckets, time.perf_counter() - start)
     log.info("loaded BianQue-2.0 from %s on %s (%s%s)", path, device, dtype_name(dtype), ", compiled decoding" if compile else "")
     return advisor

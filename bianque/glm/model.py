@@ -192,7 +192,11 @@ class SlotKVCache:
     `cache_position[i]` (LongTensor `[n, s]`) and returns those rows' first `span` slots
     `[n, nh, span, hd]`. Slots past a row's length hold stale values: the caller's mask
     `[n, 1, s, span]` (True = masked) hides them, and a masked score's probability is exactly 0
-    in fp32, so a row's numbers do not depend on the other rows."""
+    in fp32, so a row's numbers do not depend on the other rows.
+
+    `select(rows, span, window=n)` is the compiled step's variant: input row i still writes to
+    `rows[i]` (its own row i, or a scratch row for a batch padded to a fixed size), but `update`
+    returns the first n rows as views: no gather copy of `[n, nh, capacity, hd]` every step."""
 
     def __init__(self, batch: int, heads: int, capacity: int, head_dim: int, dtype: torch.dtype, device: torch.device):
         shape = (batch, heads, capacity, head_dim)
@@ -200,16 +204,18 @@ class SlotKVCache:
         self.values = torch.zeros(shape, dtype=dtype, device=device)
         self.rows = torch.zeros(0, dtype=torch.long, device=device)
         self.span = capacity
+        self.window: int | None = None
 
     @property
     def capacity(self) -> int:
         return self.keys.shape[2]
 
-    def select(self, rows: torch.Tensor, span: int) -> None:
-        """Rows `[n]` (slot indices) and key span of the next update; span <= capacity."""
+    def select(self, rows: torch.Tensor, span: int, window: int | None = None) -> None:
+        """Rows `[n]` (slot indices) and key span of the next update; span <= capacity; `window`:
+        see the class."""
         if span > self.capacity:
             raise ValueError(f"{span} positions do not fit a KV cache of {self.capacity} slots")
-        self.rows, self.span = rows.to(self.keys.device), span
+        self.rows, self.span, self.window = rows.to(self.keys.device), span, window
 
     def update(self, k: torch.Tensor, v: torch.Tensor, cache_position: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """See the class: write each selected row at its positions `[n, s]`; return `[n, nh, span, hd]`."""
@@ -218,6 +224,8 @@ class SlotKVCache:
         # rows/cols broadcast to [n, s]; the head slice between them moves to the end: [n, s, nh, hd].
         self.keys[rows, :, cols] = k.transpose(1, 2)
         self.values[rows, :, cols] = v.transpose(1, 2)
+        if self.window is not None:
+            return self.keys[:self.window, :, :self.span], self.values[:self.window, :, :self.span]
         return self.keys[self.rows, :, :self.span], self.values[self.rows, :, :self.span]
 
 

@@ -1,32 +1,70 @@
 """BianQue-2 (ChatGLM-6B) behind the engine's Runner contract: slots of a batched KV cache.
 
-Each slot is one row of every layer's SlotKVCache (`[max_batch, nh, capacity, hd]`, allocated
-once at construction, so `max_batch` x `capacity` is paid for up front) with its own length, its
-own 2-D position (GLM: the position channel stays at the mask token's index, the block position
-counts up; model.glm_position_ids / generate.next_position_ids) and its own mask. A decode step
-runs every given slot in ONE forward; a slot's keys beyond its length are masked, so its logits
-are its solo logits up to float rounding. The newcomers of one step boundary are prefilled in
-one forward too (left-padded; see `_prefill_inputs`), each row its solo prefill up to float
-rounding. Quantised and packed weights live inside the linears and need nothing here.
+Each running slot owns one row of every layer's SlotKVCache (`[rows, nh, capacity, hd]`,
+allocated once at construction, so `max_batch` x `capacity` is paid for up front) with its own
+length, its own 2-D position (GLM: the position channel stays at the mask token's index, the
+block position counts up; model.glm_position_ids / generate.next_position_ids) and its own mask.
+A decode step runs every given slot in ONE forward; a slot's keys beyond its length are masked,
+so its logits are its solo logits up to float rounding. The newcomers of one step boundary are
+prefilled in one forward too (left-padded; see `_prefill_inputs`), each row its solo prefill up
+to float rounding. Quantised and packed weights live inside the linears and need nothing here.
+
+Rows are kept packed: the running slots hold rows 0..n-1 (a slot that leaves hands its row to
+the last one, whose keys and values move into it). That lets the compiled decode step (`compile`,
+see `_compiled_decode`) read the first rows as views instead of gathering whole rows each step.
 """
 from __future__ import annotations
 
+import logging
+import time
 from typing import Sequence
 
 import torch
 
 from ..glm.model import GLMForCausalLM, find_context_and_mask, glm_attention_mask, glm_position_ids
 
+log = logging.getLogger(__name__)
+
+
+def batch_buckets(max_batch: int) -> list[int]:
+    """The batch sizes the compiled step is built for: 1, 2, 4, ... below max_batch, and max_batch
+    (vLLM's CUDA-graph sizes, in small): a step of n rows runs the smallest bucket >= n."""
+    sizes, size = [], 1
+    while size < max_batch:
+        sizes.append(size)
+        size *= 2
+    return sizes + [max_batch]
+
+
+def slot_step(model: GLMForCausalLM, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
+              cache_position: torch.Tensor, caches: list) -> torch.Tensor:
+    """One token for the first `bucket` cache rows: ids `[b, 1]`, mask `[b, 1, 1, capacity]`,
+    positions `[b, 2, 1]`, write positions `[b, 1]` -> logits `[b, V]`. Shapes depend on the
+    bucket only (the key span is the whole capacity): what torch.compile specialises, once per
+    bucket."""
+    return model(ids, mask, positions, caches=caches, cache_position=cache_position, last_only=True).logits[:, -1]
+
 
 class GLMRunner:
-    def __init__(self, model: GLMForCausalLM, max_batch: int, capacity: int) -> None:
+    def __init__(self, model: GLMForCausalLM, max_batch: int, capacity: int, compile: bool = False) -> None:
+        """`compile`: decode steps through torch.compile ("reduce-overhead", i.e. CUDA graphs, on
+        CUDA; Inductor's default on CPU), one graph per batch bucket, built by `warm_up` (call it
+        at load, before serving). If the model cannot be compiled (prepacked bfloat16 weights
+        are opaque oneDNN tensors), the reason is logged once and steps run eagerly."""
         if max_batch < 1 or capacity < 2:
             raise ValueError(f"max_batch must be >= 1 and capacity >= 2, got {max_batch} and {capacity}")
         self.model, self.max_batch, self.capacity = model.eval(), max_batch, capacity
         self.device = model.input_device
-        self.caches = model.new_slot_caches(max_batch, capacity)
+        # Compiled: one more row, the scratch row where a padded batch's unused rows write.
+        self.caches = model.new_slot_caches(max_batch + 1 if compile else max_batch, capacity)
         self.lengths: list[int | None] = [None] * max_batch      # None: the slot is free
         self.positions: list[tuple[int, int] | None] = [None] * max_batch  # the last token's 2-D position
+        self.row: list[int | None] = [None] * max_batch          # each slot's cache row (None: no row)
+        self.slot_at: list[int] = []                             # row r belongs to slot_at[r]
+        self.buckets = batch_buckets(max_batch)
+        self.compiled, self.proven = None, False
+        if compile:
+            self._compile()
 
     @torch.no_grad()
     def prefill(self, slots: Sequence[int], prompts: Sequence[Sequence[int]]) -> torch.Tensor:
@@ -41,9 +79,15 @@ class GLMRunner:
         for slot, prompt in zip(slots, prompts):
             self._check_slot(slot)
             self._check_prompt(prompt)
+        for slot in slots:
+            if self.row[slot] is not None:
+                raise ValueError(f"slot {slot} is still in use; release it first")
         ids, mask, positions, cache_position = self._prefill_inputs(prompts)
+        for slot in slots:  # the next free rows (released again by the engine if this raises)
+            self.row[slot] = len(self.slot_at)
+            self.slot_at.append(slot)
         for cache in self.caches:
-            cache.select(torch.tensor(list(slots)), ids.shape[1])
+            cache.select(torch.tensor([self.row[s] for s in slots]), ids.shape[1])
         logits = self.model(ids.to(self.device), mask.to(self.device), positions.to(self.device), caches=self.caches,
                             cache_position=cache_position.to(self.device), last_only=True).logits
         for slot, prompt, row in zip(slots, prompts, positions):
@@ -96,24 +140,111 @@ class GLMRunner:
                 raise ValueError(f"slot {slot} has no prompt (prefill it first)")
             if self.lengths[slot] >= self.capacity:
                 raise ValueError(f"slot {slot} is full: {self.capacity} tokens (prompt + answer) is this runner's capacity")
+        positions = [(p, b + 1) for p, b in (self.positions[s] for s in slots)]
+        logits = None
+        if self.compiled is not None:
+            logits = self._compiled_decode(slots, tokens, positions)
+        if logits is None:
+            logits = self._eager_decode(slots, tokens, positions)
+        for slot, position in zip(slots, positions):
+            self.lengths[slot] += 1
+            self.positions[slot] = position
+        return logits.float()
+
+    def _eager_decode(self, slots: Sequence[int], tokens: Sequence[int], positions: list[tuple[int, int]]) -> torch.Tensor:
+        """The given slots' rows gathered, keys up to the longest length + 1: the least work."""
         lengths = torch.tensor([self.lengths[s] for s in slots], dtype=torch.long)      # where each new token goes
         span = int(lengths.max()) + 1
         # Each row sees its own keys 0..length (the new one included), nothing beyond.
         mask = torch.arange(span)[None, :] > lengths[:, None]                             # [n, span]
-        positions = torch.tensor([[p, b + 1] for p, b in (self.positions[s] for s in slots)], dtype=torch.long)
         ids = torch.tensor(list(tokens), dtype=torch.long, device=self.device)[:, None]
         for cache in self.caches:
-            cache.select(torch.tensor(list(slots)), span)
-        logits = self.model(ids, mask[:, None, None].to(self.device), positions[:, :, None].to(self.device),
+            cache.select(torch.tensor([self.row[s] for s in slots]), span)
+        logits = self.model(ids, mask[:, None, None].to(self.device), torch.tensor(positions)[:, :, None].to(self.device),
                             caches=self.caches, cache_position=lengths[:, None].to(self.device), last_only=True).logits
-        for slot, (p, b) in zip(slots, positions.tolist()):
-            self.lengths[slot] += 1
-            self.positions[slot] = (p, b)
-        return logits[:, -1].float()
+        return logits[:, -1]
+
+    def _compiled_decode(self, slots: Sequence[int], tokens: Sequence[int], positions: list[tuple[int, int]],
+                         bucket: int | None = None) -> torch.Tensor | None:
+        """The first `bucket` rows (the smallest bucket holding every used row) with keys over the
+        whole capacity: fixed shapes per bucket. A row not decoding now (free, or a newcomer
+        prefilled in this step) gets a dummy token written to the scratch row and sees only its
+        key 0 (finite; its logits are dropped). None if compiling failed (then eager from now on)."""
+        bucket = bucket or next(b for b in self.buckets if b >= len(self.slot_at))
+        scratch = self.max_batch
+        ids = torch.full((bucket, 1), self.model.config.pad_token_id, dtype=torch.long)
+        mask = torch.ones((bucket, 1, 1, self.capacity), dtype=torch.bool)
+        mask[..., 0] = False
+        where = torch.zeros((bucket, 2, 1), dtype=torch.long)
+        cache_position = torch.zeros((bucket, 1), dtype=torch.long)
+        write_rows = torch.full((bucket,), scratch, dtype=torch.long)
+        rows = [self.row[s] for s in slots]
+        for row, slot, token, position in zip(rows, slots, tokens, positions):
+            length = self.lengths[slot]
+            ids[row, 0], write_rows[row], cache_position[row, 0] = int(token), row, length
+            mask[row, 0, 0, :length + 1] = False
+            where[row, :, 0] = torch.tensor(position)
+        for cache in self.caches:
+            cache.select(write_rows, self.capacity, window=bucket)
+        logits = self._run_compiled(ids, mask, where, cache_position)
+        return None if logits is None else logits[torch.tensor(rows, dtype=torch.long, device=logits.device)]
+
+    def _compile(self) -> None:
+        from ..glm.generate import _kernel_checks_are_constant
+
+        _kernel_checks_are_constant()
+        on_cuda = self.device.type == "cuda"
+        # One graph per bucket; Dynamo's per-function recompile limit (8) must not cut that short.
+        limit = torch._dynamo.config.recompile_limit
+        torch._dynamo.config.recompile_limit = max(limit, len(self.buckets) + 1)
+        self.compiled = torch.compile(slot_step, mode="reduce-overhead" if on_cuda else None, fullgraph=True, dynamic=False)
+        for cache in self.caches:  # CUDA graphs write these buffers in place, never copy them
+            torch._dynamo.mark_static_address(cache.keys)
+            torch._dynamo.mark_static_address(cache.values)
+
+    def _run_compiled(self, *inputs: torch.Tensor) -> torch.Tensor | None:
+        """slot_step compiled; the first failure to compile is logged once and turns compiling off."""
+        inputs = tuple(x.to(self.device) for x in inputs)
+        try:
+            torch.compiler.cudagraph_mark_step_begin()  # the last step's outputs were consumed
+            logits = self.compiled(self.model, *inputs, self.caches)
+            self.proven = True
+            return logits
+        except Exception as exc:  # noqa: BLE001 - any compiler failure; a real error recurs eagerly
+            if self.proven:
+                raise
+            log.info("torch.compile cannot compile this model's batched decode step (%s: %s); eager steps",
+                     type(exc).__name__, str(exc).strip().split("\n")[0][:200])
+            self.compiled = None
+            return None
+
+    @torch.no_grad()
+    def warm_up(self) -> float:
+        """Build every bucket's compiled step now (at load, while no request runs): each bucket's
+        rows all write to the scratch row. Seconds taken (see `compiled` for whether it worked)."""
+        if self.slot_at:
+            raise RuntimeError("warm_up runs before serving: slots are in use")
+        start = time.perf_counter()
+        for bucket in self.buckets:
+            for _ in range(2):  # CUDA graphs: the first call warms up, the second records
+                if self.compiled is not None:
+                    self._compiled_decode([], [], [], bucket)
+        return time.perf_counter() - start
 
     def release(self, slot: int) -> None:
+        """Free the slot; the last row's slot moves into its row so the used rows stay packed."""
         self._check_slot(slot)
-        self.lengths[slot] = self.positions[slot] = None
+        row = self.row[slot]
+        if row is not None:
+            last = len(self.slot_at) - 1
+            moved = self.slot_at.pop()
+            if row != last:
+                self.slot_at[row], self.row[moved] = moved, row
+                length = self.lengths[moved] or 0  # None: its own prefill is failing; nothing to keep
+                for cache in self.caches:
+                    cache.keys[row, :, :length] = cache.keys[last, :, :length]
+                    cache.values[row, :, :length] = cache.values[last, :, :length]
+        self.row[slot] = self.lengths[slot] = self.positions[slot] = None
 
     def _check_slot(self, slot: int) -> None:
         if not 0 <= slot < self.max_batch:
