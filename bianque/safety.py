@@ -147,7 +147,7 @@ STOP_FAILS = r"止不住|止不了|没止住|按不住|捏着也|压不住|还�
 LOW_BP = r"血压" + gap(8) + r"(?<![0-9])([3-8][0-9]|90)/|血压" + gap(4) + r"(很低|测不到|量不到|测不出)"
 COLD_LIMBS = r"(手脚|四肢|手|脚|身上)" + gap(2) + r"(冰凉|发凉|冰冷|冰)"
 PALLOR = r"脸(色)?" + gap(2) + r"(煞白|惨白|苍白|发白|发灰|灰白|铁青|白得)"
-PROFUSE_SWEAT = r"一身汗|满头(大)?汗|冷汗|大汗|汗" + gap(4) + r"(淌|直流|往下|湿透|像水|跟水)|出了?" + gap(3) + r"(好多|很多|一身)汗|浑身湿透"
+PROFUSE_SWEAT = r"一身汗|满头(大)?汗|冷汗|大汗|(一直|直)(流|冒|出)虚汗|汗" + gap(4) + r"(淌|直流|往下|湿透|像水|跟水)|出了?" + gap(3) + r"(好多|很多|一身)汗|浑身湿透"
 UNBEARABLE = r"受不了|遭不住|扛不住|要命|刀割|刀绞|剧痛|剧烈|打滚|一动不敢动|不敢动|疼得" + gap(2) + r"(哭|叫|喊)"
 VERY_FAST_HR = (r"(心跳|心率|脉搏)" + gap(6) + r"(1[5-9][0-9]|2[0-9]{2}|一百[五六七八九]十|两百|二百)|"
                 r"一分钟" + gap(3) + r"(1[5-9][0-9]|2[0-9]{2}|一百[五六七八九]十|两百|二百)多?(下|次)")
@@ -475,7 +475,8 @@ RULES: tuple[RedFlag, ...] = (
     RedFlag("danger_signs", "描述中有危险信号（意识改变、休克表现如血压很低、手脚冰凉、脸色苍白、大汗，或无法忍受的疼痛）。" + CALL_120,
             ((DROWSY, LOW_BP), (DROWSY, TACHY), (DROWSY, COLD_LIMBS), (DROWSY, UNBEARABLE), (DROWSY, HIGH_FEVER),
              (LOW_BP, COLD_LIMBS), (LOW_BP, PALLOR), (LOW_BP, PROFUSE_SWEAT), (LOW_BP, TACHY), (LOW_BP, UNBEARABLE),
-             (UNBEARABLE, PALLOR), (UNBEARABLE, COLD_LIMBS), (UNBEARABLE, PROFUSE_SWEAT), (DARK_URINE,)),
+             (UNBEARABLE, PALLOR), (UNBEARABLE, COLD_LIMBS), (UNBEARABLE, PROFUSE_SWEAT), (DARK_URINE,),
+             (PALLOR, PROFUSE_SWEAT, r"痛苦|疼|痛|痉挛|抽|吐|拉")),
             action="让病人躺下、保暖，不要进食进水，记下症状开始的时间和量到的血压、体温。"),
     RedFlag("call_for_help", "听起来情况紧急。" + CALL_120,
             ((HELP,),),
