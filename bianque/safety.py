@@ -51,6 +51,9 @@ from typing import Sequence
 
 CALL_120 = "请立即拨打120，或马上去最近医院的急诊。"
 WINDOW = 3  # patient messages read together: the current one and the two before it
+# Issue #14's learned backstop (bianque/safety_model.py): when no rule fires, a model's probability
+# >= its threshold adds one generic notice. Off until scored on blind sets; tests switch it on.
+MODEL_BACKSTOP = False
 
 
 @dataclass(frozen=True)
@@ -682,7 +685,12 @@ def red_flags(text: str, earlier: Sequence[str] = ()) -> list[RedFlag]:
     redundant = {name for rule in fired for name in rule.supersedes}
     if any(rule.name not in GENERIC for rule in fired):
         redundant.update(GENERIC)
-    return [rule for rule in fired if rule.name not in redundant]
+    flags = [rule for rule in fired if rule.name not in redundant]
+    if MODEL_BACKSTOP and not flags:
+        from bianque.safety_model import backstop  # imported only when switched on
+
+        flags = backstop(text, earlier)
+    return flags
 
 
 def bench(repeats: int = 200) -> dict[str, tuple[float, float]]:
