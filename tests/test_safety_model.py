@@ -134,8 +134,9 @@ def test_switched_on_positive_table_is_unchanged():
 def test_switched_on_no_table_negative_gets_a_notice():
     alarms = [t for t in NEGATIVE if red_flags(t)]
     alarms += [t for label, t in DEV if label == "none" and red_flags(t.split(" || ")[-1], t.split(" || ")[:-1])]
-    alarms += [t for _, label, _, t in INDEP if label == "0" and t not in KNOWN_FALSE_ALARMS
-               and red_flags(t.split(" || ")[-1], t.split(" || ")[:-1])]
+    # the sets the model was trained on; later sets (12-14 so far) stay unseen and are scored by `eval`
+    alarms += [t for s, label, _, t in INDEP if label == "0" and s in safety_model.TRAIN_SETS
+               and t not in KNOWN_FALSE_ALARMS and red_flags(t.split(" || ")[-1], t.split(" || ")[:-1])]
     assert alarms == []
 
 
