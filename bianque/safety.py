@@ -94,8 +94,8 @@ SEVERE = (r"(?<!不)(?<!不太)(?<!没那么)(厉害|剧烈|剧痛|要命|受不
           r"撕裂|要炸|炸开|裂开|死去活来|打滚|直不起腰|疼死|痛死|喘不|冒冷汗|出冷汗|大汗)")
 SUDDEN = r"突然|突发|一下子|猛地|瞬间|忽然"
 CHEST = r"(胸口|胸部|胸前|胸骨|前胸|胸膛|心口|心窝|心前区|心脏(那|这)?(块|里|儿|边|部位)?|胸)"
-CHEST_PAIN = CHEST + gap(8) + r"(痛|疼|闷|压|堵|紧|揪|绞|憋|沉|刺|石头)"
-CHEST_SEVERE = CHEST + gap(10) + "(" + SEVERE + r"|像" + gap(6) + r"(石头|压|勒|捏|攥|绑|箍|撕|刀|锤|大象|重物))"
+CHEST_PAIN = CHEST + gap(8, "跳") + r"(痛|疼|闷|(?<!血)压|堵|紧|揪|绞|憋|沉|刺|石头)"
+CHEST_SEVERE = CHEST + gap(10, "跳") + "(" + SEVERE + r"|像" + gap(6) + r"(石头|压|勒|捏|攥|绑|箍|撕|刀|锤|大象|重物))"
 TEARING = (r"撕裂(样|一样|似的?|般)" + gap(4) + r"(痛|疼)|(背|后背|胸口|胸)" + gap(6) + r"(撕着|撕扯|像刀割|刀割一样|像有东西" + gap(4) + r"撕)|"
            r"(左右|两边|两只|两侧)" + gap(6) + r"血压" + gap(4) + r"差|(疼|痛)" + gap(4) + r"(穿|窜|放射|连)到?" + gap(2) + r"(后背|背)")
 PAIN_SEVERE = r"(疼|痛)得?" + gap(4) + r"(受不了|要命|忍不了|打滚|撕心裂肺|死去活来)"
@@ -133,7 +133,7 @@ ALTERED = (r"(叫|喊)" + gap(6) + r"(又睡|睡过去)|只睁一下眼|光哼|�
            r"(突然|一下)" + gap(3) + r"不动了|反应" + gap(2) + r"(很|特别|越来越)?差")
 
 BLEED = "|".join((
-    r"(?<!气得)(?<!气的)(?<!得快)(?<!到快)(?<!得要)(?<!到要)(?<!追到)(?<!累到)(?<!忙到)(?<!累得)(?<!忙得)(?<!熬到)(?<!玩到)(?<!加班到)(?<!得我)(?<!气我)(吐|呕|咳|咯)(了|出)?" + gap(8, "痰|刷牙|牙") + r"血(?!丝|点|迹|星|压|糖|管|常规|型|检查|价)",
+    r"(?<!气得)(?<!气的)(?<!得快)(?<!到快)(?<!得要)(?<!到要)(?<!追到)(?<!累到)(?<!忙到)(?<!累得)(?<!忙得)(?<!熬到)(?<!玩到)(?<!加班到)(?<!得我)(?<!气我)(吐|呕|咳|咯)(了|出)?" + gap(8, "痰|刷牙|牙|点点|一点|带|少量|些") + r"血(?!丝|点|迹|星|压|糖|管|常规|型|检查|价)",
     r"血" + gap(8) + r"(止不住|停不下|不停地?流|一直(流|冒|往外)|往外(冒|涌|喷|流|淌)|哗哗|直流|喷|湿透|浸透)",
     r"(流|出|淌)(了)?" + gap(4) + r"(好多|很多|大量|一大滩|一地|一盆|一大片|满地|一摊|一身)的?血",
     r"一直(在)?(流血|出血)|(垫子|衣服|裤子|裤儿|床单|毛巾|卫生巾)" + gap(4) + r"(湿透|浸透|全是血)",
@@ -179,16 +179,20 @@ CHOKE_SIGNS = (r"咝咝|嘶嘶|哨|声音" + gap(2) + r"变了|嘶哑|喊不出|
                r"上不来气|透不过气|吸不进")
 BREATH_UNLESS = r"压力|工作|学习|作业|生活|心里|憋屈"
 ALLERGEN = (r"过敏|蜂(?!蜜|王浆|胶|窝煤)|蜇|蛰|肾上腺素|坚果|染发|染完头发|染头|(换|吃|服|用|打)(了|完|过)" + gap(10) + r"(药|布洛芬|阿司匹林|青霉素|头孢|抗生素|消炎药)|打(了)?" + gap(4) + r"针|输液|(吃|喝)(了|完|过)" + gap(6) +
-            r"(海鲜|花生|虾|蟹|芒果|坚果|药)|青霉素|头孢|造影|(第一次|刚)?吃" + gap(2) + r"(海鲜|花生|虾|蟹|芒果|坚果|腰果|杏仁|核桃)|腰果|开心果")
+            r"(海鲜|花生|虾|蟹|芒果|坚果|药)|青霉素|头孢|造影(后|之后|以后|完|时|剂)|(第一次|刚)?吃" + gap(2) + r"(海鲜|花生|虾|蟹|芒果|坚果|腰果|杏仁|核桃)|腰果|开心果")
 # the same, but a medicine taken for days or months is no sudden exposure: only with airway signs
-ALLERGEN_RECENT = ALLERGEN.replace(r"(换|吃|服|用|打)(了|完|过)" + gap(10), r"(换|吃|服|用|打)(了|完|过)" + gap(10, r"天|周|月|年|段时间"))
+ALLERGEN_RECENT = (ALLERGEN.replace(r"(换|吃|服|用|打)(了|完|过)" + gap(10), r"(换|吃|服|用|打)(了|完|过)" + gap(10, r"天|周|月|年|段时间"))
+                   .replace(r"(吃|喝)(了|完|过)" + gap(6), r"(吃|喝)(了|完|过)" + gap(6, r"天|周|月|年|段时间"))
+                   .replace(r"|青霉素|头孢|", r"|(打|输|吃|用|服)(了|完)?" + gap(3) + r"(青霉素|头孢)|"))
 AIRWAY = (r"(喉咙|嗓子|喉头|气管)" + gap(4) + r"(发紧|肿|堵|紧|卡)|胸口憋|憋得慌|嘶哑|哑了|吹哨|哨音|胸口?发?闷|心慌|一直咳|肾上腺素笔|头晕眼花|眼前发黑|" + LOW_BP + "|呼吸困难|喘不|上不来气|透不过气|"
           r"(嘴唇|舌头|脸|眼皮|眼睛|嘴)" + gap(3) + r"(肿(?!了?一?点|了?一些|了?些)|大了)|(喉咙|嗓子)" + gap(4) + r"(掐|勒|堵住|锁住|捏住)|舌头" + gap(3) + r"麻|血压" + gap(2) + r"(低|掉|下降)|晕倒|站不住")
 # Someone known to have epilepsy: a fit that stops by itself is their illness, not an emergency
 # (first-aid guidance: call 120 when it lasts over 5 minutes, repeats, or they do not come round).
 EPILEPSY = r"癫痫|羊癫疯|羊角风"
 EPILEPSY_KNOWN = (r"(有|患有?|患上了?|得(了|过)|确诊|诊断)(的)?(是|为)?" + gap(2) + r"(" + EPILEPSY + r")(?!吗)|(" + EPILEPSY + r")" + gap(2) +
-                  r"(病史|患者|病人|又犯|又发|复发|发作的?频率|好几年|多年|很多年|几年了|的毛病|老毛病|的护理|日常护理)|抽动症")
+                  r"(病史|患者|病人|又犯|又发|复发|发作的?频率|好几年|多年|很多年|几年了|的毛病|老毛病|的护理|日常护理)|抽动症|"
+                  r"(?<!是)(" + EPILEPSY + r")(病|症)|(?<!是)(?<!不是)(" + EPILEPSY + r")" + gap(6) +
+                  r"(吗|么|什么|怎么|如何|哪|特点|症状|能治|治好|治疗|医院|护理|注意|留意)")
 SEIZURE_LONG = (r"又" + gap(4) + r"抽|第二次|反复抽|一直抽|抽个不停|还没停|停不下来|没停|连着|接着抽|没醒|醒不过来|叫不醒|" + NUM + r"+多?分钟")
 SEIZURE = (r"(?<!眼皮)(?<!眼睛)(?<!嘴角)(?<!肌肉)(?<!腿)(?<!胃)(?<!脸)抽搐|抽风|癫痫发作|羊癫疯|口吐白沫|浑身抽|四肢抽"
            r"@@眼皮|肌肉跳|小腿|腿肚|嘴角|面肌")
@@ -224,7 +228,7 @@ POISON = "|".join((
     r"(喝|吃|吞|误)(了|下)?" + gap(6) + r"(消毒液|消毒水|消毒剂|84|洗洁精|洁厕|漂白|清洁剂|洗衣液|洗衣凝珠|" + ACID + r"|汽油|煤油|火碱|烧碱|干燥剂|水银|甲醇|工业酒精|假酒|疏通剂|除垢剂|纽扣电池|电池|磁铁)",
     r"(84|消毒液|漂白)" + gap(8) + r"(洁厕|混)",
     r"当(成|作)" + gap(6) + r"(喝|吃)|(一百|几十|[二三四五六七八九]十)多?(片|粒|颗)|(药|片|胶囊|布洛芬|扑热息痛|对乙酰氨基酚|阿司匹林|安眠药|降压药|降糖药|感冒药)" + gap(4) + r"(吃|吞)了" + gap(2) + r"(半盒|半瓶|一盒|一瓶|一板|整盒|整瓶)",
-    r"一氧化碳|煤气中毒|煤气泄漏|燃气泄漏|烧炭|酒精中毒|食物中毒|(?<!铅)(?<!像)(?<!跟)(?<!难吃到)(?<!会)(?<!能)(?<!怕)中毒(?!性)",
+    r"一氧化碳|煤气中毒|煤气泄漏|燃气泄漏|烧炭|酒精中毒|食物中毒|(?<!铅)(?<!像)(?<!跟)(?<!难吃到)(?<!会)(?<!能)(?<!怕)中毒(?!性|症状)",
     r"(毒|野)蘑菇|吃了" + gap(4) + r"蘑菇" + gap(8) + r"(吐|拉|晕|难受|看东西)",
 ))
 HEAD_HIT = (r"头" + gap(4) + r"(大包|鼓包|起包|鼓个|肿了个包|破了)|(头|脑袋|后脑|额头|脑门)" + gap(8) + r"(撞|磕|摔|砸|碰|打|着地|受伤|挨)|"
@@ -405,7 +409,7 @@ RULES: tuple[RedFlag, ...] = (
             ((BREATHING + U + BREATH_UNLESS,), (CHOKE, CHOKE_SIGNS), (CHOKING_NOW,)),
             action="让患者坐起、松开衣领；被异物噎住不能说话时立即用海姆立克法（腹部冲击）。"),
     RedFlag("unconsciousness", "晕倒、失去意识、叫不醒、抽搐或没有呼吸是急症。请立即拨打120。",
-            ((UNCONSCIOUS + U + EPILEPSY_KNOWN,), (SEIZURE + U + EPILEPSY_KNOWN,), (SEIZE + r"|" + EPILEPSY, SEIZURE_LONG)),
+            ((UNCONSCIOUS + U + EPILEPSY_KNOWN,), (SEIZURE + "|" + EPILEPSY_KNOWN,), (SEIZE + r"|" + EPILEPSY, SEIZURE_LONG)),
             action="让患者侧躺保持呼吸道通畅，不要喂水；没有呼吸或心跳时立即开始心肺复苏。"),
     RedFlag("sudden_severe_headache", "突然发生的剧烈头痛（一生中最严重的头痛）伴呕吐或脖子发硬，可能是脑出血或脑膜炎等急症。" + CALL_120,
             ((HEADACHE_WORST,), (r"像(被|有)" + gap(6) + r"(锤|砸|打|劈|敲|抡|棍)" + gap(4) + r"(头|后脑勺?|脑袋)", HEAD_ACCOMP + r"|怕光"),
@@ -574,11 +578,13 @@ MAX_NEGATION_PREFIX = 24  # characters of a clause examined before a finding
 # Real consultations (tests/data/safety_real.tsv) mostly tell an illness, not an event: a finding
 # said to come and go ("偶尔胸闷", "最近总是头晕、上不来气") is a complaint, not an emergency now
 # (not for thoughts of self-harm: "老是想死" is the warning sign itself).
-HABITUAL_BEFORE = re.compile(r"(偶尔|偶然|有时候?|时不时|时常|经常|常常|老是|总是|间断|间歇|阵发)(?!不停|不断|一直|持续)")
+HABITUAL_BEFORE = re.compile(r"((偶尔|偶然|有时候?|时不时|时常|经常|常常|老是|总是|间断|间歇|阵发)(?!不停|不断|一直|持续)|"
+                             r"[0-9一二两三四五六七八九十几半]+年(了|多)|好几年|多年|常年|长期|最近一直|这段时间一直|近期一直|稍微|轻微)"
+                             r"(?!.*(今天|今晚|现在|刚才|刚刚|突然|这次|此刻))")
 # A disease's name is an emergency only as something happening now ("我爸可能心梗了"), not as the
 # topic of a question ("血压低会引起心梗吗", "心梗患者吃什么"), a diagnosis ("检查发觉是脑梗") or history.
 NAME_SUSPECTED = re.compile(r"可能|是不是|怀疑|好像|像是|会不会是|估计|突发|突然|刚|正在|现在|快点|赶紧|怎么办")
-NAME_TOPIC = re.compile(r"吗|么|呢|什么|怎么|如何|哪|能否|是否|会不会|严重|治疗|医治|用药|药物|引起|引来|导致|诱发|症状|表现|"
+NAME_TOPIC = re.compile(r"吗|么|呢|什么|怎么|如何|哪|能否|能不能|是否|会不会|咨询|严重|治疗|医治|用药|药物|引起|引来|导致|诱发|症状|表现|"
                         r"原因|病人|患者|病史|后遗症|手术|术后|恢复|康复|检查|病症|几种病|这种病|死亡率|致命|支架|搭桥|出院")
 NAME_DIAGNOSED = re.compile(r"(发觉|发现|诊断|确诊|查出|检查出|说是|说|患有|患了|患上|有|轻微|轻度|陈旧|腔隙|多发|因)(为|是|了|过|性)?(的|急性|轻微|轻度|陈旧性?|多发性?|腔隙性?|大面积|小面积)*$")
 # An episode the message says was already taken to a doctor ("突然晕倒，送到医院，医生说是癫痫") is
@@ -586,7 +592,7 @@ NAME_DIAGNOSED = re.compile(r"(发觉|发现|诊断|确诊|查出|检查出|说�
 ATTENDED = re.compile(r"送(去|到|往|进)?了?(医院|急诊|抢救)|(去|到|上|带到|带去)了?" + gap(4) + r"(医院|急诊|诊所|卫生院)" + gap(6) +
                       r"(检查|查|看|拍|做|就诊|诊断|确诊|说)|住院|入院|抢救(过来|回来)|(医生|大夫)(说|诊断|确诊|告诉|讲)|"
                       r"(检查|诊断|确诊|化验)(出|为|是|结果|后|说|发现|发觉)|查出|发觉是|发现是|去(做)?了?检查|(才|后来)(发现|发觉|知道|知晓)" + gap(4) + r"(是|患|得了)")
-STILL_NOW = re.compile(r"刚才|刚刚|现在|正在|目前|今天|今晚|此刻|还在|仍然|一直在|到现在")
+STILL_NOW = re.compile(r"刚才|刚刚|现在|正在|今天|今晚|此刻|还在|仍然|一直在|到现在")
 # A form's field answered "none" ("【放化疗】：没有") names nothing the patient has.
 FIELD_NONE = re.compile(r"[^，。；;,!！?？\n:：]{1,14}[:：]\s*(无|没有|否|暂无|未)(?=[（(，。；;,!！\s]|$)")
 
@@ -665,7 +671,7 @@ def _drop_attended(clauses: list[str]) -> list[str]:
     i, end = last
     if any(STILL_NOW.search(c) for c in clauses[:i + 1]):
         return clauses
-    rest = clauses[i][end:]
+    rest = "" if re.search(r"是|出|诊|说|发现|发觉", clauses[i][end - 3:end]) else clauses[i][end:]
     return ([rest] if rest else []) + clauses[i + 1:]
 
 
@@ -705,7 +711,7 @@ def _affirmed(regex: re.Pattern[str], unless: re.Pattern[str] | None, clauses: S
 
 
 FINDINGS = tuple(dict.fromkeys(p for rule in RULES for group in rule.when for p in group))
-NAMES = frozenset((STROKE_NAMES, HEART_ATTACK))  # findings that are a disease's name
+NAMES = frozenset((STROKE_NAMES, HEART_ATTACK, r"宫外孕"))  # findings that are a disease's name
 NOT_HABITUAL = frozenset(p for rule in RULES if rule.name == "self_harm" for group in rule.when for p in group)
 
 
