@@ -263,8 +263,8 @@ FIRE = r"爆炸|着火|火灾|失火|烟|烧"
 INHALATION = r"嘶哑|哑了|黑痰|痰" + gap(3) + r"黑|咳" + gap(6) + r"黑|吸了" + gap(4) + r"烟|鼻毛" + gap(2) + r"烧"
 STINGS = r"一群|一窝|好多只|几十|二三十|三四十|[2-9][0-9]个|十几|满身|全身|好几十"
 IMMUNE_LOW = r"化疗|白细胞" + gap(2) + r"(很低|低|少)|粒细胞" + gap(4) + r"(减少|缺乏|很低|低|少)|免疫抑制|器官移植|移植后"
-SCALD = r"滚汤|汤|粥|泼|炸了|爆了|(?<![发高低退])烧(?!烤|饭|菜|香|钱|纸|水|退|到?[0-9三四])|着火|火(?!锅|车|气|腿)|烫|烧伤|开水|热水|热油|滚油|热汤|油锅|蒸汽|火焰|爆炸"
-BURN_EXTENT = (r"皮(是)?白的|皮发白|好大的?(水)?泡|泼" + gap(4) + r"(脸|胸|身上|腿)|烧到" + gap(4) + r"(脖子|脸|胸|和)|好多地方|好几处|烧黑|烧焦|两条腿|一片一片|全烫|脱皮|起晒泡|成块|成片|大块|一大片|大面积|一大块|全身|满身|从" + gap(6) + r"到|(胸口|肚子|后背|脸|大腿)和|起泡" + gap(4) + r"(一大片|好多|很多|一片)|"
+SCALD = r"滚汤|汤|粥|泼|炸了|爆了|(?<![发高低退])烧(?!烤|饭|菜|香|钱|纸|水|退|到?[0-9三四])|着火|(?<!上)(?<!发)(?<!肝)火(?!锅|车|气|腿|力)|烫|烧伤|开水|热水|热油|滚油|热汤|油锅|蒸汽|火焰|爆炸"
+BURN_EXTENT = (r"皮(是)?白的|皮发白|好大的?(水)?泡|泼" + gap(4) + r"(脸|胸|身上|腿)|烧到" + gap(4) + r"(脖子|脸|胸|和)|好多地方|好几处|烧黑|烧焦|两条腿|一片一片|全烫|脱皮|起晒泡|成块|成片|大块|一大片|大面积|一大块|(全身|满身)(?!发热|发烫|乏力|酸|痛|疼|不适|没劲|无力|痒|发冷|难受|出汗|是汗|冒汗|湿|都在|都是汗)|从" + gap(6) + r"到|(胸口|肚子|后背|脸|大腿)和|起泡" + gap(4) + r"(一大片|好多|很多|一片)|"
                r"(好多|很多|一片|大)的?(水)?泡|皮" + gap(2) + r"(掉|脱|烂|没)了?")
 HEAT = r"中暑|大中午|地里干活|干农活|大太阳|半马|全马|跑完|越野|马拉松|长跑|跑步|军训|训练|高温|太阳底下|暴晒|工地|桑拿|闷热|大热天|烈日|晒了|热得|车里|天太热|热射|(没|不)开空调|空调坏|屋里" + gap(2) + r"热|蒸笼"
 HEAT_DANGER = (DROWSY + r"|软软|软绵绵|不怎么哭|(满)?脸通红|不(怎么|太)?答应|反应" + gap(2) + r"(慢|迟钝|差)|不怎么出汗|不太出汗|昏|晕倒|叫不醒|神志|意识|说胡话|胡言乱语|" + SEIZE + r"|不出汗|皮肤" + gap(3) + r"(烫|干)|"
@@ -310,7 +310,8 @@ ABDOMEN_PAIN = ABDOMEN + gap(6) + r"(疼|痛|绞)"
 PAIN_EXTREME = (r"捅了?一刀|像刀|不敢喘|弯起|弯腰|一碰就疼|刀割|刀绞|刀扎|剧痛|剧烈|(疼|痛)得" + gap(4) + r"(打滚|站不起来|站不住|直不起腰|满头大汗|冒冷汗|出冷汗|要命|死去活来|不能动|走不了)|"
                 r"弯着腰|(疼|痛)到" + gap(2) + r"(后背|背)")
 OBSTRUCTION = (r"(不|没)(有)?(排气|放屁)|不拉" + gap(4) + r"不放|肚子" + gap(4) + r"胀得" + gap(4) + r"(鼓|球|石头)|吐" + gap(6) + r"(绿|黄绿|胆汁|粪)")
-TESTIS = r"(蛋蛋|睾丸|阴囊)" + gap(6) + r"(剧痛|突然|肿|疼|痛)"
+TESTIS = r"(蛋蛋|睾丸|阴囊)" + gap(6) + r"(剧痛|突然|肿|疼得|痛得|剧烈|超级疼|疼死|痛死)"
+TESTIS_PAIN = r"(蛋蛋|睾丸|阴囊)" + gap(6) + r"(疼|痛)"  # with swelling or vomiting told in another clause
 LOW_SUGAR = r"低血糖|血糖" + gap(8) + r"(低|掉|测不出|(?i:lo)(?![a-z])|(?<![0-9])[0-2]\.[0-9])|糖尿病|胰岛素|降糖药"
 REDUCED = (DROWSY + r"|不理(我|人)|傻笑|光笑|冷汗|大汗|叫不醒|喊不醒|昏迷|意识|神志|迷糊|糊涂|说胡话|胡言乱语|答非所问|反应" + gap(2) + r"(慢|迟钝)|不认人|认不出|呆|" + ALTERED + "|"
            + SEIZE + r"|晕倒|昏倒|晕过去|没反应|呼之不应|嗜睡|昏睡|喂不进|咽不下")
@@ -460,7 +461,7 @@ RULES: tuple[RedFlag, ...] = (
             action="立即左侧卧休息，不要进食，带上孕检资料去有产科的医院。"),
     RedFlag("acute_abdomen", "肚子硬得像木板、一碰就剧痛或疼得打滚，可能是腹膜炎、消化道穿孔等急腹症。" + CALL_120,
             ((RIGID + U + ABDOMEN_UNLESS,), (ABDOMEN_PAIN + U + ABDOMEN_UNLESS, PAIN_EXTREME), (OBSTRUCTION, r"(?<!喝)吐|呕"),
-             (TESTIS,), (ABDOMEN_PAIN, r"便血|大便带血|拉血|黑便"), (ABDOMEN_PAIN, LOW_BP + r"|血压低"), (r"动脉瘤", r"疼|痛"),
+             (TESTIS,), (TESTIS_PAIN, r"肿起|肿了|(?<!喝)吐|呕|突然"), (ABDOMEN_PAIN, r"便血|大便带血|拉血|黑便"), (ABDOMEN_PAIN, LOW_BP + r"|血压低"), (r"动脉瘤", r"疼|痛"),
              (r"(全肚子|整个肚子|满肚子|全腹)" + gap(4) + r"(疼|痛)", FEVER_ANY), (r"右下", r"疼|痛", FEVER_ANY), (ABDOMEN_PAIN, r"硬得|硬邦邦|像石头|石头样|板一样"), (r"右上腹|胆", FEVER_ANY + r"|寒战|打摆子", r"(眼睛|皮肤|脸|眼白)" + gap(4) + r"(发黄|黄了|变黄)|黄疸"), (r"右下(腹|肚子)" + gap(6) + r"(疼|痛)", r"厉害|发烧|发热|弯着腰|走路"),
              (r"尿不出(来)?|一滴尿", r"鼓|胀得", r"疼|痛|哼|憋了"), (r"一跳一跳|搏动", r"包|块", r"疼|痛"),
              (r"疝气|包" + gap(4) + r"(推不回去|回不去|鼓出来)", r"疼|痛|吐"), (r"(肚子|腹)" + gap(4) + r"(被)?(撞|踢|砸|顶)|撞" + gap(4) + r"肚子", FAINT_SIGNS + "|" + PALLOR + r"|越来越(疼|痛)")),
@@ -702,16 +703,20 @@ def _affirmed(regex: re.Pattern[str], unless: re.Pattern[str] | None, clauses: S
             past = after.startswith("过") and PAST_START.search(clause)  # "上个月晕倒过一次"
             figurative = FIGURATIVE_BEFORE.search(before) or SLANG.search(clause)  # "做得我脑溢血", "心梗了家人们"
             habitual = pattern not in NOT_HABITUAL and HABITUAL_BEFORE.search(before)
+            mild = pattern in MILDABLE and MILD_BEFORE.search(before)
             named = pattern in NAMES and not NAME_SUSPECTED.search(clause[:match.end() + 4]) and (
                 NAME_TOPIC.search(clause) or NAME_DIAGNOSED.search(before))
             if not (NEGATED_BEFORE.search(before) or PAST_BEFORE.search(before) or NEGATED_AFTER.match(after) or past
-                    or figurative or habitual or named):
+                    or figurative or habitual or named or mild):
                 return True
     return False
 
 
 FINDINGS = tuple(dict.fromkeys(p for rule in RULES for group in rule.when for p in group))
-NAMES = frozenset((STROKE_NAMES, HEART_ATTACK, r"宫外孕"))  # findings that are a disease's name
+NAMES = frozenset((STROKE_NAMES, HEART_ATTACK, r"宫外孕"))
+# "有点胸闷气短", "胸口有点痛": a slight chest or breathing complaint is not the picture of a heart attack
+MILDABLE = frozenset((CHEST_PAIN, ACS_SIGNS))
+MILD_BEFORE = re.compile(r"(有点|有些|有一点|一点点)$")  # findings that are a disease's name
 NOT_HABITUAL = frozenset(p for rule in RULES if rule.name == "self_harm" for group in rule.when for p in group)
 
 
