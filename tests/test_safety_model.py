@@ -11,7 +11,7 @@ from safetensors import safe_open
 
 from bianque import safety, safety_model
 from bianque.safety import red_flags
-from tests.test_safety import DEV, INDEP, KNOWN_FALSE_ALARMS, NEGATIVE, POSITIVE, names
+from tests.test_safety import DEV, INDEP, KNOWN_FALSE_ALARMS, NEGATIVE, POSITIVE, REAL, names
 
 
 @pytest.fixture(scope="module")
@@ -73,6 +73,7 @@ def test_suspect_is_bounded_and_fast():
     for _ in range(100):
         for text in texts:
             safety_model._bucket.cache_clear()
+            safety_model._normalise.cache_clear()
             safety_model.fires(text, ["我最近胃不太舒服。", "吃了饭以后更明显，有时候反酸。"])
     per_message_ms = (time.process_time() - start) * 1000 / 300
     assert per_message_ms < 2.0  # about 0.2 ms measured; the budget is 1 ms, with room for a busy CI machine
@@ -137,6 +138,8 @@ def test_switched_on_no_table_negative_gets_a_notice():
     # the sets the model was trained on; later sets (12-14 so far) stay unseen and are scored by `eval`
     alarms += [t for s, label, _, t in INDEP if label == "0" and s in safety_model.TRAIN_SETS
                and t not in KNOWN_FALSE_ALARMS and red_flags(t.split(" || ")[-1], t.split(" || ")[:-1])]
+    alarms += [t for _, label, c, t in REAL if label == "0" and c != "still_false_alarm"
+               and red_flags(t.split(" || ")[-1], t.split(" || ")[:-1])]
     assert alarms == []
 
 
