@@ -24,6 +24,16 @@ or after ("胸痛已经好了"), when it is said to be past history ("以前中�
 Hypotheticals and other people ("如果胸痛出汗怎么办", "我爸…") still fire: a needless notice costs far
 less than a missed heart attack.
 
+Real consultations (tests/data/safety_real.tsv) mostly tell an illness rather than an event, so a
+finding is also not affirmed when it comes and goes or has lasted years ("偶尔胸闷", "有两年了头痛"),
+unless the clause goes on with 今天/突然; when it is slight ("有点胸闷"); when the message reports
+that the episode was already taken to a doctor ("突然晕倒，送到医院，医生说是癫痫": what comes before the
+report is dropped unless it says it is still going on); and a disease's name counts only as something
+happening now ("可能心梗了"), not as a question's topic or a diagnosis. A fit in someone known to have
+epilepsy needs to be long, repeated or not followed by waking. Numbers said in words become digits
+("两百二十" -> 220, "三十八度二" -> 38.2度) and a few common voice-input homophones (血鸭, 弄药) are read
+as meant.
+
 Dialogue level: ``red_flags(text, earlier)`` also reads the last ``WINDOW - 1`` earlier patient
 messages. Three messages because an emergency told in pieces ("胸口疼" … "还出了好多冷汗") is
 completed within one or two doctor questions; a longer window would join complaints that are no
