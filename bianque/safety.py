@@ -62,8 +62,10 @@ from typing import Sequence
 CALL_120 = "请立即拨打120，或马上去最近医院的急诊。"
 WINDOW = 3  # patient messages read together: the current one and the two before it
 # Issue #14's learned backstop (bianque/safety_model.py): when no rule fires, a model's probability
-# >= its threshold adds one generic notice. Off until scored on blind sets; tests switch it on.
-MODEL_BACKSTOP = False
+# >= its threshold adds one generic notice. On: scored on blind sets 15-16 (trained on sets 1-11 and
+# the real messages) it raised recall from 0.908/0.952 to 0.975/1.000 for at most one more false
+# alarm per set, and 2 more notices on 2,090 real patient messages (README, safety net).
+MODEL_BACKSTOP = True
 
 
 @dataclass(frozen=True)

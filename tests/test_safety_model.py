@@ -85,8 +85,9 @@ RULE_MISSES = ["我爸吃完饭突然整个人不对劲，眼睛直勾勾的，�
                "我妈突然人往后一仰就没动静了", "老公在车库里待了半天出来站不稳，脸红扑扑的，车没熄火"]
 
 
-def test_hook_is_off_by_default_and_speaks_only_when_no_rule_fired(monkeypatch):
-    assert safety.MODEL_BACKSTOP is False
+def test_hook_is_on_by_default_and_speaks_only_when_no_rule_fired(monkeypatch):
+    assert safety.MODEL_BACKSTOP is True  # switched on after blind scoring (sets 15-16)
+    monkeypatch.setattr(safety, "MODEL_BACKSTOP", False)
     probe = "他说胸口像被大石头压着，透不过气，浑身是汗"  # the rules fire
     expected = names(red_flags(probe))
     assert expected
@@ -136,7 +137,7 @@ def test_switched_on_positive_table_is_unchanged():
 def test_switched_on_no_table_negative_gets_a_notice():
     alarms = [t for t in NEGATIVE if red_flags(t)]
     alarms += [t for label, t in DEV if label == "none" and red_flags(t.split(" || ")[-1], t.split(" || ")[:-1])]
-    # the sets the model was trained on; later sets (12-14 so far) stay unseen and are scored by `eval`
+    # the sets the model was trained on (all of them so far); later sets are scored blind by `eval` first
     alarms += [t for s, label, _, t in INDEP if label == "0" and s in safety_model.TRAIN_SETS
                and t not in KNOWN_FALSE_ALARMS and red_flags(t.split(" || ")[-1], t.split(" || ")[:-1])]
     alarms += [t for _, label, c, t in REAL if label == "0" and c != "still_false_alarm"
