@@ -379,6 +379,9 @@ def test_load_refuses_a_kv_cache_that_does_not_fit(monkeypatch, advisor, tmp_pat
                                              r"BIANQUE_MAX_BATCH\) to 2 or less"):
         load_advisor(path, device="cpu", dtype="float32", max_batch=4)
     assert load_advisor(path, device="cpu", dtype="float32", max_batch=2).engine.runner.max_batch == 2
+    # compiled, the runner allocates one more row (its scratch row): 2 slots no longer fit, 1 does
+    with pytest.raises(ModelLoadError, match=r"the KV cache for 2 concurrent replies needs .* to 1 or less"):
+        load_advisor(path, device="cpu", dtype="float32", max_batch=2, compile=True)
 
 
 def test_a_reply_closed_from_another_thread_while_it_is_read_stops(advisor):

@@ -217,7 +217,8 @@ def load_advisor(model: str = V2_REPO, device: str = "cpu", dtype: str | torch.d
                              f"{net.config.vocab_size} embeddings; the tokenizer belongs to another checkpoint")
     if max_batch > 0:
         check_kv_memory(slot_bytes(net, V2Params().max_length), max_batch, "BianQue-2.0",
-                        "--v2-max-batch (or --max-batch, BIANQUE_V2_MAX_BATCH, BIANQUE_MAX_BATCH)")
+                        "--v2-max-batch (or --max-batch, BIANQUE_V2_MAX_BATCH, BIANQUE_MAX_BATCH)",
+                        extra_rows=1 if compile else 0)  # compiled: GLMRunner's scratch row
     try:
         advisor = GLMAdvisor(net, tokenizer, source=model, compile=compile, max_batch=max_batch)
     except (torch.OutOfMemoryError, MemoryError) as exc:

@@ -33,15 +33,16 @@ def free_memory(device: torch.device) -> int:
     return psutil.virtual_memory().available
 
 
-def check_kv_memory(per_slot: dict[torch.device, int], max_batch: int, what: str, knob: str) -> None:
+def check_kv_memory(per_slot: dict[torch.device, int], max_batch: int, what: str, knob: str, extra_rows: int = 0) -> None:
     """Refuse, before allocating, a KV cache of `max_batch` slots (`per_slot` bytes on each device)
-    that would take more than KV_SHARE of the free memory; the message names `knob` and what fits."""
+    that would take more than KV_SHARE of the free memory; the message names `knob` and what fits.
+    `extra_rows`: cache rows allocated beyond the slots (a compiled runner's scratch row)."""
     from ..errors import ModelLoadError
 
     for device, nbytes in per_slot.items():
-        free, need = free_memory(device), nbytes * max_batch
+        free, need = free_memory(device), nbytes * (max_batch + extra_rows)
         if need > KV_SHARE * free:
-            fits = int(KV_SHARE * free // max(nbytes, 1))
+            fits = max(0, int(KV_SHARE * free // max(nbytes, 1)) - extra_rows)
             gib = 2 ** 30
             raise ModelLoadError(
                 f"{what}: the KV cache for {max_batch} concurrent replies needs {need / gib:.2f} GiB on {device} "
