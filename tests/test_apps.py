@@ -361,11 +361,12 @@ def test_v2_compile_setting_reaches_the_loader(backend, v2_dir, monkeypatch):
     start(V2_APP, monkeypatch, BIANQUE_V2_MODEL=v2_dir, BIANQUE_V2_COMPILE="1", BIANQUE_V2_MAX_BATCH="0")
     assert backend["v2"].load_kwargs["compile"] is True and backend["v2"].doctor.compile is True
     assert warmed == [True] and backend["v2"].doctor.engine is None
-    # The batching engine does not compile yet: with it (the default max_batch) compile falls back to eager.
+    # On the batching engine (the default max_batch) too: its batched steps are compiled at load.
     monkeypatch.delenv("BIANQUE_V2_MAX_BATCH")
     start(V2_APP, monkeypatch, BIANQUE_V2_MODEL=v2_dir, BIANQUE_V2_COMPILE="1")
     assert backend["v2"].load_kwargs["compile"] is True and backend["v2"].load_kwargs["max_batch"] == 4
-    assert backend["v2"].doctor.compile is False and backend["v2"].doctor.engine is not None and warmed == [True]
+    assert backend["v2"].doctor.compile is True and backend["v2"].doctor.engine is not None
+    assert warmed == [True, True]
 
 
 def test_v2_app_answers_with_its_defaults_and_label(backend, v2_dir, monkeypatch):
