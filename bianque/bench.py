@@ -424,6 +424,7 @@ class ServeConfig:
     preset: str = "mid"
     dtype: str | None = None  # None: each model's CPU/CUDA default (settings.torch_dtype)
     device: str = "cpu"
+    compile: bool = False  # GLM: the engine's compiled batched step (one graph per batch bucket)
     prompt_tokens: int = 64
     new_tokens: int = 32
     repeats: int = 3
@@ -442,7 +443,7 @@ def _serve_runner(kind: str, cfg: ServeConfig, max_batch: int):
         config = SERVE_PRESETS["glm"][cfg.preset]
         model = random_model(config, dtype, device, pack=packing_available(device, dtype))
         prompt = prompt_ids(config, cfg.prompt_tokens, torch.device("cpu"))[0].tolist()
-        return GLMRunner(model, max_batch, cfg.prompt_tokens + cfg.new_tokens + 1), prompt
+        return GLMRunner(model, max_batch, cfg.prompt_tokens + cfg.new_tokens + 1, compile=cfg.compile), prompt
     from transformers import T5Config, T5ForConditionalGeneration
 
     config = T5Config(vocab_size=32128, decoder_start_token_id=0, **SERVE_PRESETS["t5"][cfg.preset])
@@ -508,11 +509,13 @@ def run_serve(cfg: ServeConfig) -> dict:
         from .serving.engine import Engine
 
         runner, prompt = _serve_runner(kind, cfg, max(cfg.concurrency))
+        compile_s = runner.warm_up() if kind == "glm" and cfg.compile else None  # every bucket, before timing
         engine = Engine(runner)
         _timed(engine, prompt, 2)[0].join()  # warm-up
         levels = [serve_level(engine, prompt, level, cfg) for level in cfg.concurrency]
         param = next(runner.model.parameters())
-        results["models"][kind] = {"dtype": dtype_name(param.dtype), "levels": levels,
+        results["models"][kind] = {"dtype": dtype_name(param.dtype), "levels": levels, "compile_s": compile_s,
+                                   "compiled": getattr(runner, "compiled", None) is not None if compile_s is not None else None,
                                    "peak_memory_gb": peak_memory_gb(torch.device(cfg.device))}
         del engine, runner
         gc.collect()
@@ -523,7 +526,9 @@ def serve_report(result: dict) -> str:
     lines = [f"batching engine, {result['preset']} shapes on {result['device']}, prompt {result['prompt_tokens']} "
              f"+ {result['new_tokens']} new tokens (best of {result['repeats']})"]
     for kind, r in result["models"].items():
-        lines.append(f"{kind} ({r['dtype']}), peak memory {r['peak_memory_gb']:.2f} GB")
+        compiled = "" if r.get("compile_s") is None else (
+            f", compiled decode step ({r['compile_s']:.1f} s to build)" if r["compiled"] else ", compile failed: eager")
+        lines.append(f"{kind} ({r['dtype']}), peak memory {r['peak_memory_gb']:.2f} GB{compiled}")
         lines.append("  concurrency  serial s  at once s  speedup  aggregate tok/s  per-stream tok/s  join TTFT p50/p95 s")
         for x in r["levels"]:
             per = x["per_stream_decode_tokens_per_s"]
@@ -545,6 +550,9 @@ def add_serve_parser(sub) -> None:
     serve.add_argument("--new-tokens", type=int, default=32)
     serve.add_argument("--repeats", type=int, default=3)
     serve.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    serve.add_argument("--compile", action="store_true",
+                       help="GLM: compile the engine's batched decode step (one graph per batch bucket, built "
+                            "before timing; compile_s in the JSON), as --v2-compile does; T5 ignores it")
     serve.add_argument("--json", action="store_true", help="print one JSON object")
 
 
@@ -561,7 +569,7 @@ def serve_config(parser: argparse.ArgumentParser, args: argparse.Namespace) -> S
     if args.threads:
         torch.set_num_threads(args.threads)
     return ServeConfig(models=models, concurrency=levels, preset=args.preset, dtype=args.dtype, device=args.device,
-                       prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens, repeats=args.repeats)
+                       compile=args.compile, prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens, repeats=args.repeats)
 
 
 def parse_args(argv: list[str] | None) -> tuple[BenchConfig, bool]:

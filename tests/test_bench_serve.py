@@ -33,3 +33,16 @@ def test_serve_bench_refuses_bad_arguments(argv, message, capsys):
     with pytest.raises(SystemExit):
         bench.main(["serve", *argv])
     assert message in capsys.readouterr().err
+
+
+def test_serve_bench_compile_builds_the_engine_steps_before_timing(capsys):
+    assert bench.main(["serve", "--model", "glm", "--preset", "tiny", "--dtype", "float32", "--compile",
+                       "--concurrency", "1,2", "--prompt-tokens", "6", "--new-tokens", "3", "--repeats", "1",
+                       "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)["models"]["glm"]
+    assert result["compiled"] is True and result["compile_s"] > 0
+    assert [x["concurrency"] for x in result["levels"]] == [1, 2] and all(x["speedup"] > 0 for x in result["levels"])
+    assert bench.main(["serve", "--model", "glm", "--preset", "tiny", "--dtype", "float32", "--concurrency", "1",
+                       "--prompt-tokens", "6", "--new-tokens", "3", "--repeats", "1", "--json"]) == 0
+    plain = json.loads(capsys.readouterr().out)["models"]["glm"]
+    assert plain["compiled"] is None and plain["compile_s"] is None
