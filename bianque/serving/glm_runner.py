@@ -76,13 +76,13 @@ class GLMRunner:
         if len(set(slots)) != len(slots):
             raise ValueError(f"prefill got a slot twice: {list(slots)}")
         prompts = [list(p) for p in prompts]
-        for slot, prompt in zip(slots, prompts):
+        for slot in slots:
             self._check_slot(slot)
-            self._check_prompt(prompt)
+        found = [self._check_prompt(prompt) for prompt in prompts]
         for slot in slots:
             if self.row[slot] is not None:
                 raise ValueError(f"slot {slot} is still in use; release it first")
-        ids, mask, positions, cache_position = self._prefill_inputs(prompts)
+        ids, mask, positions, cache_position = self._prefill_inputs(prompts, found)
         for slot in slots:  # the next free rows (released again by the engine if this raises)
             self.row[slot] = len(self.slot_at)
             self.slot_at.append(slot)
@@ -95,17 +95,18 @@ class GLMRunner:
             self.positions[slot] = (int(row[0, -1]), int(row[1, -1]))
         return logits[:, -1].float()
 
-    def _check_prompt(self, prompt: list[int]) -> None:
+    def _check_prompt(self, prompt: list[int]) -> tuple[int, int]:
+        """(context length, mask position) of a prompt that fits; raises ValueError otherwise."""
         if not prompt:
             raise ValueError("empty prompt")
         if len(prompt) >= self.capacity:
             raise ValueError(f"a prompt of {len(prompt)} tokens does not fit this runner's capacity of "
                              f"{self.capacity} tokens (prompt + answer)")
-        find_context_and_mask(prompt, self.model.config)  # raises on a prompt without <sop> / mask token
+        return find_context_and_mask(prompt, self.model.config)  # raises without <sop> / mask token
 
-    def _prefill_inputs(self, prompts: list[list[int]]) -> tuple[torch.Tensor, ...]:
+    def _prefill_inputs(self, prompts: list[list[int]], found: list[tuple[int, int]]) -> tuple[torch.Tensor, ...]:
         """ids `[n, s]`, mask `[n, 1, s, s]`, positions `[n, 2, s]` and cache positions `[n, s]`
-        of prompts left-padded to the longest, s.
+        of prompts left-padded to the longest, s (`found`: each prompt's `_check_prompt`).
 
         LEFT padding, so that every row's last input is its last prompt token (the model keeps
         only the last position's logits, `last_only`). A row's real tokens still go to cache
@@ -121,10 +122,9 @@ class GLMRunner:
         mask = torch.ones((n, 1, width, width), dtype=torch.bool)
         positions = torch.zeros((n, 2, width), dtype=torch.long)
         cache_position = torch.empty((n, width), dtype=torch.long)
-        for i, prompt in enumerate(prompts):
+        for i, (prompt, (context, mask_position)) in enumerate(zip(prompts, found)):
             length = len(prompt)
             pad = width - length
-            context, mask_position = find_context_and_mask(prompt, self.model.config)
             ids[i, pad:] = torch.tensor(prompt, dtype=torch.long)
             mask[i, 0, pad:, :length] = glm_attention_mask(length, context)[0]
             mask[i, 0, :pad, :length] = False
