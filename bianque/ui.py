@@ -120,6 +120,8 @@ class Status:
 class Serialised:
     """A per-run view of a shared doctor: replies use this session's settings and show their place in the queue."""
 
+    ADMIT_GRACE_S = 0.3
+
     def __init__(self, served: Served, params: Any, status: Status):
         self._served, self._params, self._status = served, params, status
 
@@ -130,7 +132,9 @@ class Serialised:
         stream = self._served.doctor.reply(turns, self._params if params is None else params)
         try:
             ahead = getattr(stream, "ahead", None)  # a local doctor's Reply; a server queues on its side
-            if ahead is not None and (place := ahead(0.0)) is not None:
+            # A free slot is taken at the engine's next step boundary: wait that long before saying
+            # "排队中", so that a reply that is not really queued does not flash the notice.
+            if ahead is not None and (place := ahead(self.ADMIT_GRACE_S)) is not None:
                 # Others come first: say where this reply stands, and keep calling into Streamlit
                 # while waiting so that Stop (a rerun request) can still interrupt this session.
                 while place is not None:

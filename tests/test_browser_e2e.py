@@ -40,11 +40,13 @@ index => {
   document.addEventListener('keydown', e => {
     if (e.key === 'Enter' && e.target.tagName === 'TEXTAREA' && pressed === null) pressed = performance.now();
   }, {capture: true});
+  // The reply's text only: not its label or progress (captions), the Stop button, or a notice box
+  // ("排队中" is an st.info, whose role is "status", not "alert": it once passed for the reply's text).
   const bodyText = () => {
     const bubble = document.querySelectorAll('[data-testid="stChatMessage"]')[index];
     if (!bubble) return '';
     return [...bubble.querySelectorAll('[data-testid="stMarkdownContainer"]')]
-      .filter(el => !el.closest('[data-testid="stCaptionContainer"], button, [role="alert"]'))
+      .filter(el => !el.closest('[data-testid="stCaptionContainer"], button, [data-testid="stAlertContainer"]'))
       .map(el => el.innerText).join('').trim();
   };
   // Checked on every DOM change and on every frame: an element can become visible (innerText)
@@ -256,6 +258,7 @@ def test_two_messages_stream_labels_and_transcript_in_chromium(tiny_models, tmp_
         # everything but the model: browser -> server -> script run -> browser render
         "app_overhead_ms": [round(b - t["model"]) for b, t in zip(latencies, server)],
         "screenshot": str(shot),
+        "server_replies": re.findall(r"reply (model=.*)", log.read_text()),
     }
     print("\nE2E " + json.dumps(report, ensure_ascii=False))
     if os.environ.get("BIANQUE_E2E_ARTIFACTS"):

@@ -233,6 +233,40 @@ def test_a_waiting_session_sees_its_place_until_its_reply_starts(tiny_v1):
     assert served.doctor.engine.scheduler.idle()
 
 
+def test_a_reply_admitted_at_the_next_step_boundary_is_not_announced_as_queued():
+    """A free slot is taken at the engine's next step: a reply admitted within the grace shows no
+    "排队中" notice (it flashed "前面还有 0 位" on a busy CPU); one still waiting after it does."""
+    from bianque.ui import Served, Serialised
+
+    class Lane:  # admitted after `delay` s, like a Reply whose engine is finishing a step
+        def __init__(self, delay):
+            self.until = time.monotonic() + delay
+
+        def ahead(self, timeout):
+            left = self.until - time.monotonic()
+            time.sleep(max(0.0, min(left, timeout)))
+            return None if time.monotonic() >= self.until else 0
+
+        def __iter__(self):
+            return iter(["好", "的"])
+
+    class Doctor:
+        name = "fake"
+
+        def __init__(self, delay):
+            self.delay = delay
+
+        def reply(self, turns, params):
+            return Lane(self.delay)
+
+    soon, late = _Status(), _Status()
+    assert "".join(Serialised(Served(Doctor(0.1)), None, soon).reply([Turn(PATIENT, TEXTS[0])])) == "好的"
+    assert soon.queued_calls == []
+    assert "".join(Serialised(Served(Doctor(Serialised.ADMIT_GRACE_S + 0.3)), None, late).reply(
+        [Turn(PATIENT, TEXTS[0])])) == "好的"
+    assert late.queued_calls[0] == 0 and late.queued_calls[-1] is None
+
+
 def test_an_interruption_inside_a_progress_update_frees_the_slot(tiny_v1):
     """Streamlit raises its rerun/stop exception from the Streamlit call it interrupts."""
     from bianque.t5 import T5Questioner
