@@ -38,7 +38,8 @@ from dataclasses import dataclass, replace
 import torch
 
 from .glm.config import GLMConfig
-from .glm.cpu_pack import PackedEmbedding, PackedRows, pack_embedding_, pack_linears_, packing_available
+from .cpu_linear import WeightFirstLinear, use_weight_first_
+from .glm.cpu_pack import PackedEmbedding, PackedLinear, PackedRows, pack_embedding_, pack_linears_, packing_available
 from .glm.generate import generate_tokens, static_decoder
 from .glm.model import GLMForCausalLM
 from .glm.quant import quantize_block_
@@ -315,11 +316,14 @@ def run_glm(cfg: BenchConfig) -> dict:
         from .glm.loader import load_model
 
         start = time.perf_counter()
-        model = load_model(cfg.checkpoint, device=device, dtype=dtype, quantize=cfg.quantize)
+        model = load_model(cfg.checkpoint, device=device, dtype=dtype, quantize=cfg.quantize,
+                           pack=None if cfg.pack else False)
         load_s = time.perf_counter() - start
         config, pack = model.config, isinstance(model.transformer.word_embeddings, PackedEmbedding)
     else:
         model = random_model(config, dtype, device, pack, quantize=cfg.quantize)
+        if cfg.pack:  # as the loader does: float32 on CPU, where faster here
+            use_weight_first_(model)
     load_peak = peak_memory_gb(device)
     ids = prompt_ids(config, cfg.prompt_tokens, device)
     if cfg.compile:  # warm-up in the timed shapes: compiling (and recording CUDA graphs) happens here
@@ -340,7 +344,8 @@ def run_glm(cfg: BenchConfig) -> dict:
         compile_s = max(0.0, warm_ttft + sum(warm_steps) - min(r[0] + sum(r[1]) for r in runs))
     return {
         "preset": preset_name(config) if cfg.checkpoint else cfg.preset, "dtype": dtype_name(dtype), "device": str(device),
-        "threads": torch.get_num_threads(), "packed": pack, "parameters": parameter_count(config),
+        "threads": torch.get_num_threads(), "packed": pack,
+        "weight_first": any(isinstance(m, WeightFirstLinear) for m in model.modules()), "parameters": parameter_count(config),
         "weights_gb": size / GB, "prompt_tokens": cfg.prompt_tokens, "new_tokens": cfg.new_tokens,
         "prefill_tokens_per_s": cfg.prompt_tokens / ttft, "ttft_s": ttft,
         "decode_tokens_per_s": 1.0 / per_token, "decode_tokens_per_s_mean": 1.0 / mean_step,
@@ -360,7 +365,7 @@ def report(result: dict) -> str:
     return "\n".join([
         f"ChatGLM {result['preset']} ({result['parameters'] / 1e6:.0f}M parameters, {result['weights_gb']:.2f} GB) "
         f"in {result['dtype']} on {result['device']} ({result['threads']} threads"
-        f"{', packed weights' if result['packed'] else ''}"
+        f"{', packed weights' if result['packed'] else ''}{', weight-first linears' if result['weight_first'] else ''}"
         f"{(', compiled decode step' if result['compiled'] else ', static cache, eager steps (compile failed)') if result['compile'] else ''})",
         f"  prefill  {result['prefill_tokens_per_s']:10.1f} tokens/s  ({result['prompt_tokens']}-token prompt)",
         f"  TTFT     {result['ttft_s']:10.3f} s",
@@ -425,6 +430,7 @@ class ServeConfig:
     dtype: str | None = None  # None: each model's CPU/CUDA default (settings.torch_dtype)
     device: str = "cpu"
     compile: bool = False  # GLM: the engine's compiled batched step (one graph per batch bucket)
+    pack: bool = True  # the loaders' runtime layouts: packed bf16 (GLM) and weight-first fp32 linears
     prompt_tokens: int = 64
     new_tokens: int = 32
     repeats: int = 3
@@ -441,13 +447,17 @@ def _serve_runner(kind: str, cfg: ServeConfig, max_batch: int):
     torch.manual_seed(0)
     if kind == "glm":
         config = SERVE_PRESETS["glm"][cfg.preset]
-        model = random_model(config, dtype, device, pack=packing_available(device, dtype))
+        model = random_model(config, dtype, device, pack=cfg.pack and packing_available(device, dtype))
+        if cfg.pack:  # as load_advisor does
+            use_weight_first_(model)
         prompt = prompt_ids(config, cfg.prompt_tokens, torch.device("cpu"))[0].tolist()
         return GLMRunner(model, max_batch, cfg.prompt_tokens + cfg.new_tokens + 1, compile=cfg.compile), prompt
     from transformers import T5Config, T5ForConditionalGeneration
 
     config = T5Config(vocab_size=32128, decoder_start_token_id=0, **SERVE_PRESETS["t5"][cfg.preset])
     model = T5ForConditionalGeneration(config).to(device=device, dtype=dtype).eval()
+    if cfg.pack:  # as load_questioner does
+        use_weight_first_(model)
     prompt = torch.randint(10, 32000, (cfg.prompt_tokens,), generator=torch.Generator().manual_seed(1)).tolist()
     return T5Runner(model, max_batch), prompt
 
@@ -514,7 +524,9 @@ def run_serve(cfg: ServeConfig) -> dict:
         _timed(engine, prompt, 2)[0].join()  # warm-up
         levels = [serve_level(engine, prompt, level, cfg) for level in cfg.concurrency]
         param = next(runner.model.parameters())
-        results["models"][kind] = {"dtype": dtype_name(param.dtype), "levels": levels, "compile_s": compile_s,
+        results["models"][kind] = {"dtype": dtype_name(param.dtype), "levels": levels,
+                                   "packed": any(isinstance(m, PackedLinear) for m in runner.model.modules()),
+                                   "weight_first": any(isinstance(m, WeightFirstLinear) for m in runner.model.modules()), "compile_s": compile_s,
                                    "compiled": getattr(runner, "compiled", None) is not None if compile_s is not None else None,
                                    "peak_memory_gb": peak_memory_gb(torch.device(cfg.device))}
         del engine, runner
@@ -528,7 +540,9 @@ def serve_report(result: dict) -> str:
     for kind, r in result["models"].items():
         compiled = "" if r.get("compile_s") is None else (
             f", compiled decode step ({r['compile_s']:.1f} s to build)" if r["compiled"] else ", compile failed: eager")
-        lines.append(f"{kind} ({r['dtype']}), peak memory {r['peak_memory_gb']:.2f} GB{compiled}")
+        layout = "".join(f", {name}" for key, name in (("packed", "packed weights"), ("weight_first", "weight-first linears"))
+                         if r.get(key))
+        lines.append(f"{kind} ({r['dtype']}{layout}), peak memory {r['peak_memory_gb']:.2f} GB{compiled}")
         lines.append("  concurrency  serial s  at once s  speedup  aggregate tok/s  per-stream tok/s  join TTFT p50/p95 s")
         for x in r["levels"]:
             per = x["per_stream_decode_tokens_per_s"]
@@ -553,6 +567,9 @@ def add_serve_parser(sub) -> None:
     serve.add_argument("--compile", action="store_true",
                        help="GLM: compile the engine's batched decode step (one graph per batch bucket, built "
                             "before timing; compile_s in the JSON), as --v2-compile does; T5 ignores it")
+    serve.add_argument("--no-pack", action="store_true",
+                       help="plain F.linear even where the loaders would use packed bf16 weights or weight-first "
+                            "fp32 linears (to measure what those layouts give)")
     serve.add_argument("--json", action="store_true", help="print one JSON object")
 
 
@@ -569,7 +586,7 @@ def serve_config(parser: argparse.ArgumentParser, args: argparse.Namespace) -> S
     if args.threads:
         torch.set_num_threads(args.threads)
     return ServeConfig(models=models, concurrency=levels, preset=args.preset, dtype=args.dtype, device=args.device,
-                       compile=args.compile, prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens, repeats=args.repeats)
+                       compile=args.compile, pack=not args.no_pack, prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens, repeats=args.repeats)
 
 
 def parse_args(argv: list[str] | None) -> tuple[BenchConfig, bool]:
@@ -584,7 +601,8 @@ def parse_args(argv: list[str] | None) -> tuple[BenchConfig, bool]:
     glm.add_argument("--repeats", type=int, default=None, help="default 3 (mid) / 1 (6b)")
     glm.add_argument("--matvec-mb", type=int, default=None, help="bandwidth probe matrix size (default 512 / 256 for 6b)")
     glm.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    glm.add_argument("--no-pack", action="store_true", help="plain F.linear even where packed bf16 weights work")
+    glm.add_argument("--no-pack", action="store_true",
+                     help="plain F.linear even where packed bf16 weights or weight-first fp32 linears would be used")
     glm.add_argument("--quantize", type=int, choices=(4, 8), help="weight-only int8/int4 block linears")
     glm.add_argument("--checkpoint", help="load this checkpoint directory instead of random weights (reports load time)")
     glm.add_argument("--consultation", type=int, default=0, metavar="TURNS",

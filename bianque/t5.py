@@ -23,6 +23,7 @@ from typing import Iterable, Iterator, Sequence
 
 import torch
 
+from .cpu_linear import use_weight_first_
 from .errors import ModelLoadError
 from .hub import V1_REPO, resolve_checkpoint
 from .prompt import Fit, Turn, build_prompt, escape_v1, fit_dialogue, unescape_v1, validate_dialogue
@@ -338,6 +339,8 @@ def load_questioner(model: str = V1_REPO, device: str = "cpu", dtype: str | None
     except (RuntimeError, AssertionError) as exc:  # no such CUDA device, out of memory, ...
         raise ModelLoadError(f"could not move BianQue-1.0 to {device}: {str(exc).splitlines()[0]}; "
                              "pick another --v1-device or --v1-dtype") from exc
+    if torch.device(device).type == "cpu" and next(net.parameters()).dtype == torch.float32:
+        use_weight_first_(net)  # few-row fp32 products (batched decode steps), where this CPU's BLAS favours it
     if max_batch > 0:
         check_kv_memory(slot_bytes(net, V1Params()), max_batch, "BianQue-1.0",
                         "--v1-max-batch (or --max-batch, BIANQUE_V1_MAX_BATCH, BIANQUE_MAX_BATCH)")

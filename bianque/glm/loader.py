@@ -23,6 +23,7 @@ from safetensors import safe_open
 from ..errors import ModelLoadError
 from ..settings import DTYPES
 from .config import GLMConfig
+from ..cpu_linear import use_weight_first_
 from .cpu_pack import pack_embedding_, pack_linears_, packing_available
 from .model import GLMForCausalLM
 
@@ -198,7 +199,8 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
     """GLMForCausalLM from a checkpoint directory, in `dtype` (default float32) on `device`,
     with weight-only int8/int4 linears when `quantize` is 8 or 4 (or config.quantization_bit).
     `pack` (default: whenever possible, i.e. bfloat16 on one CPU with oneDNN bf16; with int8/int4 blocks the embedding/head only)
-    swaps in prepacked weights for fast decoding (cpu_pack.py).
+    swaps in prepacked weights for fast decoding (cpu_pack.py); in float32 on CPU, weight-first linears
+    where they are faster here (cpu_linear.py); `pack=False`: neither.
     `devices` ('cuda:0,cuda:1' or 'auto') spreads whole blocks over several devices instead
     (placement.py; optional per-device `max_memory` budgets)."""
     directory = Path(path)
@@ -220,6 +222,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
     can_pack = packing_available(device, dtype) and devices is None
     if pack and not can_pack:
         raise ModelLoadError("packed weights need bfloat16 on one CPU with oneDNN bf16 support")
+    plain = pack is False  # no runtime layouts at all: neither packed bf16 nor weight-first fp32
     pack = can_pack if pack is None else pack
     with torch.device("meta"):
         model = GLMForCausalLM(config)
@@ -255,6 +258,9 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
     if device_map is not None:
         from .placement import dispatch
         dispatch(model, device_map)
-    log.info("loaded ChatGLM checkpoint: layers=%d hidden=%d dtype=%s device=%s quantize=%s packed=%s",
-             config.num_layers, config.hidden_size, dtype, device, bits, pack)
+    weight_first = 0
+    if not plain and device_map is None and device.type == "cpu" and dtype == torch.float32:
+        weight_first = use_weight_first_(model)  # few-row fp32 products, where this CPU's BLAS favours it
+    log.info("loaded ChatGLM checkpoint: layers=%d hidden=%d dtype=%s device=%s quantize=%s packed=%s weight_first=%s",
+             config.num_layers, config.hidden_size, dtype, device, bits, pack, bool(weight_first))
     return model.requires_grad_(False).eval()
