@@ -46,3 +46,21 @@ def test_serve_bench_compile_builds_the_engine_steps_before_timing(capsys):
                        "--prompt-tokens", "6", "--new-tokens", "3", "--repeats", "1", "--json"]) == 0
     plain = json.loads(capsys.readouterr().out)["models"]["glm"]
     assert plain["compiled"] is None and plain["compile_s"] is None
+
+
+def test_serve_bench_says_which_layouts_ran_and_no_pack_turns_them_off(capsys, monkeypatch):
+    """float32 on CPU: weight-first linears where the probe finds them faster (made to here), and
+    --no-pack measures plain F.linear for comparison."""
+    from bianque import cpu_linear
+
+    monkeypatch.setattr(cpu_linear, "weight_first_pays", lambda weight, **kw: True)
+    argv = ["serve", "--model", "glm,t5", "--preset", "tiny", "--dtype", "float32", "--concurrency", "2",
+            "--prompt-tokens", "6", "--new-tokens", "3", "--repeats", "1", "--json"]
+    assert bench.main(argv) == 0
+    models = json.loads(capsys.readouterr().out)["models"]
+    assert all(m["weight_first"] is True and m["packed"] is False for m in models.values())
+    assert bench.main([*argv, "--no-pack"]) == 0
+    models = json.loads(capsys.readouterr().out)["models"]
+    assert all(m["weight_first"] is False and m["packed"] is False for m in models.values())
+    assert bench.main(argv[:-1]) == 0  # the table says it too
+    assert capsys.readouterr().out.count("weight-first linears") == 2

@@ -136,3 +136,18 @@ def test_t5_batched_steps_with_weight_first_linears_give_the_plain_solo_outputs(
     runner = T5Runner(questioner.model, max_batch=8)
     first = runner.prefill(list(range(8)), prompts)
     torch.testing.assert_close(first, torch.stack([p[0] for p in plain]), rtol=0, atol=1e-4)
+
+
+def test_loaders_swap_in_float32_on_cpu_where_the_probe_says_so(glm_dir, tmp_path_factory, monkeypatch):
+    from bianque import cpu_linear
+
+    monkeypatch.setattr(cpu_linear, "MIN_ELEMENTS", 0)  # the tiny models count as big enough
+    monkeypatch.setattr(cpu_linear, "weight_first_pays", lambda weight, **kw: True)
+    swapped = lambda model: {type(m) for m in model.modules()} & {nn.Linear, WeightFirstLinear}  # noqa: E731
+    assert swapped(load_advisor(glm_dir, device="cpu", dtype="float32").model) == {WeightFirstLinear}
+    assert WeightFirstLinear not in swapped(load_advisor(glm_dir, device="cpu", dtype="bfloat16").model)  # maybe packed
+    t5_dir = str(build_tiny_t5(tmp_path_factory.mktemp("t5_loader_wf")))
+    assert swapped(load_questioner(t5_dir).model) == {WeightFirstLinear}
+    monkeypatch.setattr(cpu_linear, "weight_first_pays", lambda weight, **kw: False)
+    assert swapped(load_advisor(glm_dir, device="cpu", dtype="float32").model) == {nn.Linear}
+    assert swapped(load_questioner(t5_dir).model) == {nn.Linear}
