@@ -511,6 +511,7 @@ def _answer(config: AppConfig, served: dict[str, Served], consultation: Consulta
         label.caption("思考中…")
         doctors = {k: Serialised(s, controls.params[k], status) for k, s in served.items()}
         message = consultation.start_reply()
+        body = st.container()  # the reply streams here, above Stop, so Stop stays in view under a long reply
         stop = st.empty()
         stop.button("停止生成", key="stop", icon=":material/stop_circle:")  # a click reruns the script, which interrupts this one
         chunks: Iterator[str] = iter(())
@@ -520,7 +521,7 @@ def _answer(config: AppConfig, served: dict[str, Served], consultation: Consulta
             _describe(message, kind, stage, consultation, controls, served[kind].doctor)
             label.caption(message.label)
             status.done()
-            st.write_stream(_tee(chunks, message, timing))
+            body.write_stream(_tee(chunks, message, timing))
             completed = True
         except torch.OutOfMemoryError:
             _free_memory()

@@ -308,7 +308,12 @@ def test_stop_keeps_the_partial_reply_and_a_second_session_queues(tiny_models, t
         second.get_by_placeholder(PLACEHOLDER).press("Enter")
         second.get_by_text("排队中：前面还有 0 位").wait_for()
 
-        first.get_by_role("button", name="停止生成").click()
+        stop = first.get_by_role("button", name="停止生成")
+        # Stop sits under the growing reply, in view where the page follows the stream; the tiny model
+        # streams so fast that it moves every frame (a click's stability check never passes), so the
+        # click event goes to the button itself.
+        sync_api.expect(stop).to_be_in_viewport()
+        stop.dispatch_event("click")
         first.get_by_text("已停止：以上是停止前生成的部分回复").wait_for()
         _settled(first, 3)
         _settled(second, 3)  # the model is free: the queued session gets its reply

@@ -209,12 +209,17 @@ def test_sessions_generate_at_once_without_cross_talk(tiny_v1):
     assert served.doctor.name == "BianQue-1.0" and Serialised(served, None, _Status()).source == "tiny"
 
 
-def test_a_waiting_session_sees_its_place_until_its_reply_starts(tiny_v1):
+def test_a_waiting_session_sees_its_place_until_its_reply_starts(tiny_v1, monkeypatch):
     """max_batch 1: while one session's reply runs, the next waits and is told "前面还有 0 位";
     a session that stops (closes its stream) frees the model for it."""
+    from bianque.serving.t5_runner import T5Runner
     from bianque.t5 import T5Questioner
     from bianque.ui import Served, Serialised
 
+    # The tiny model writes 200 tokens in ~0.2 s, less than the admission grace: 10 ms per decode
+    # step keeps the first reply running (2 s) until the test stops it.
+    decode = T5Runner.decode
+    monkeypatch.setattr(T5Runner, "decode", lambda self, *a: (time.sleep(0.01), decode(self, *a))[1])
     served = Served(T5Questioner(tiny_v1.model, tiny_v1.tokenizer, "tiny", max_batch=1))
     first = Serialised(served, _params(200), _Status()).reply([Turn(PATIENT, TEXTS[0])])
     assert next(first)  # the first session is generating (and holds the only slot)
