@@ -189,7 +189,10 @@ def test_a_split_emergency_is_flagged_under_the_message_that_completes_it():
     assert names(red_flags("胸口还是疼，冷汗一直出", ["胸口疼", "还出了好多冷汗"])) == ["chest_pain"]
 
 
-def test_the_window_is_the_current_message_and_the_two_before():
+def test_the_window_is_the_current_message_and_the_two_before(monkeypatch):
+    import bianque.safety as safety
+
+    monkeypatch.setattr(safety, "MODEL_BACKSTOP", False)  # the rules' window (the model reads "好多冷汗" alone as 0.81)
     assert WINDOW == 3
     assert names(red_flags("还出了好多冷汗", ["胸口疼", "昨天睡得不好"])) == ["chest_pain"]
     assert red_flags("还出了好多冷汗", ["胸口疼", "昨天睡得不好", "今天吃了粥"]) == []
@@ -290,17 +293,18 @@ def test_independent_sets_have_both_kinds():
                      ("5", "1"): 151, ("5", "0"): 99, ("6", "1"): 140, ("6", "0"): 100, ("7", "1"): 130, ("7", "0"): 100,
                      ("8", "1"): 140, ("8", "0"): 100, ("9", "1"): 140, ("9", "0"): 100, ("10", "1"): 121, ("10", "0"): 99,
                      ("11", "1"): 100, ("11", "0"): 80, ("12", "1"): 131, ("12", "0"): 101, ("13", "1"): 128, ("13", "0"): 108,
-                     ("14", "1"): 134, ("14", "0"): 103, ("15", "1"): 120, ("15", "0"): 102, ("16", "1"): 125, ("16", "0"): 89}
+                     ("14", "1"): 134, ("14", "0"): 103, ("15", "1"): 120, ("15", "0"): 102, ("16", "1"): 125, ("16", "0"): 89,
+                     ("17", "1"): 120, ("17", "0"): 100, ("18", "1"): 130, ("18", "0"): 100}
     assert sum(" || " in text for s, _, _, text in INDEP if s == "6") == 100
 
 
-@pytest.mark.parametrize("number", ["1", "2", "3", "4", "5", "6", "7", "8", "9", "10", "11", "12", "13", "14", "15", "16"])
+@pytest.mark.parametrize("number", ["1", "2", "3", "4", "5", "6", "7", "8", "9", "10", "11", "12", "13", "14", "15", "16", "17", "18"])
 def test_independent_set_every_emergency_gets_a_notice(number):
     missed = [(c, t) for s, label, c, t in INDEP if s == number and label == "1" and not _sequence_flags(t)[0]]
     assert missed == []
 
 
-@pytest.mark.parametrize("number", ["1", "2", "3", "4", "5", "6", "7", "8", "9", "10", "11", "12", "13", "14", "15", "16"])
+@pytest.mark.parametrize("number", ["1", "2", "3", "4", "5", "6", "7", "8", "9", "10", "11", "12", "13", "14", "15", "16", "17", "18"])
 def test_independent_set_no_ordinary_message_gets_a_notice(number):
     alarms = [(c, t, _sequence_flags(t)[1]) for s, label, c, t in INDEP
               if s == number and label == "0" and t not in KNOWN_FALSE_ALARMS and _sequence_flags(t)[1]]
