@@ -1,8 +1,10 @@
 """The loop: one thread owns the runner; each step admits newcomers (prefill) and advances the running batch (decode)."""
 from __future__ import annotations
 
+import atexit
 import logging
 import threading
+import weakref
 from typing import Sequence
 
 import torch
@@ -45,15 +47,21 @@ class Engine:
         self.scheduler = Scheduler(runner.max_batch)
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
+        self._closing = False
 
     def submit(self, request: Request) -> Stream:
         if request.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be at least 1, got {request.max_new_tokens}")
         with self._cond:
             self.scheduler.add(request)
+            if self._closing:
+                raise RuntimeError("the serving engine has been shut down")
             if self._thread is None:  # started on first use: nothing runs at construction
                 self._thread = threading.Thread(target=self._loop, name="bianque-engine", daemon=True)
                 self._thread.start()
+                # At exit, stop the loop before the interpreter does: a daemon thread killed inside a
+                # torch call aborts the process ("terminate called without an active exception").
+                atexit.register(_shutdown, weakref.ref(self))
             self._cond.notify()
         return Stream(self, request)
 
@@ -69,11 +77,23 @@ class Engine:
         with self._cond:
             return self.scheduler.position(request)
 
+    def shutdown(self, timeout: float = 30.0) -> None:
+        """Stop the loop after its current step; requests still waiting or running end with an error."""
+        with self._cond:
+            self._closing = True
+            self._cond.notify()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout)
+
     def _loop(self) -> None:
         while True:
             with self._cond:
-                while self.scheduler.idle():
+                while self.scheduler.idle() and not self._closing:
                     self._cond.wait()
+                if self._closing:
+                    for request in list(self.scheduler.running.values()) + list(self.scheduler.waiting):
+                        self._retire(request, RuntimeError("the serving engine was shut down"))
+                    return
             try:
                 self.step()
             except Exception:  # a bug in the engine itself: fail everyone rather than hang them
@@ -150,3 +170,9 @@ class Engine:
         if self.scheduler.retire(request):
             self.runner.release(request.slot)
         request.finish(error)
+
+
+def _shutdown(ref: "weakref.ref[Engine]") -> None:
+    engine = ref()
+    if engine is not None:
+        engine.shutdown()
