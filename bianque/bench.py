@@ -43,6 +43,7 @@ from .glm.cpu_pack import PackedEmbedding, PackedLinear, PackedRows, pack_embedd
 from .glm.generate import generate_tokens, static_decoder
 from .glm.model import GLMForCausalLM
 from .glm.quant import quantize_block_
+from .sampling import SamplingParams, next_token
 from .settings import DTYPES, dtype_name
 
 PRESETS = {
@@ -434,6 +435,7 @@ class ServeConfig:
     prompt_tokens: int = 64
     new_tokens: int = 32
     repeats: int = 3
+    sample: bool = False  # each request samples (SERVE_SAMPLING, its own seeded generator) instead of argmax
 
 
 def _serve_runner(kind: str, cfg: ServeConfig, max_batch: int):
@@ -462,12 +464,24 @@ def _serve_runner(kind: str, cfg: ServeConfig, max_batch: int):
     return T5Runner(model, max_batch), prompt
 
 
-def _timed(engine, prompt: list[int], new_tokens: int) -> tuple[threading.Thread, list[float]]:
-    """Submit one greedy request of exactly `new_tokens` tokens (no stop token); a thread records
-    [submitted, token times...]."""
+# BianQue-2's sampling settings in the apps (ChatGLM's chat defaults, transformers' top-k 50)
+SERVE_SAMPLING = SamplingParams(do_sample=True, temperature=0.95, top_p=0.7, top_k=50)
+
+
+def _timed(engine, prompt: list[int], new_tokens: int, sample: bool = False) -> tuple[threading.Thread, list[float]]:
+    """Submit one request of exactly `new_tokens` tokens (no stop token), greedy or (`sample`)
+    sampled as the apps sample, from its own seeded generator; a thread records [submitted, token times...]."""
     from .serving.request import Request
 
-    request = Request(list(prompt), lambda row, generated: int(row.argmax()), lambda token: False, new_tokens)
+    if sample:
+        generator = torch.Generator().manual_seed(len(prompt))
+
+        def choose(row: torch.Tensor, generated: list[int]) -> int:
+            return int(next_token(row[None], SERVE_SAMPLING, generator)[0])
+    else:
+        def choose(row: torch.Tensor, generated: list[int]) -> int:
+            return int(row.argmax())
+    request = Request(list(prompt), choose, lambda token: False, new_tokens)
     times = [time.perf_counter()]
     stream = engine.submit(request)
 
@@ -488,16 +502,16 @@ def serve_level(engine, prompt: list[int], level: int, cfg: ServeConfig) -> dict
     """One concurrency level: `level` requests serially, then at once (the last joins the running batch)."""
     start = time.perf_counter()
     for _ in range(level):
-        thread, _ = _timed(engine, prompt, cfg.new_tokens)
+        thread, _ = _timed(engine, prompt, cfg.new_tokens, cfg.sample)
         thread.join()
     serial_s = time.perf_counter() - start
     concurrent_s, streams, joins = [], [], []
     for _ in range(cfg.repeats):
         start = time.perf_counter()
-        runs = [_timed(engine, prompt, cfg.new_tokens) for _ in range(level - 1)]
+        runs = [_timed(engine, prompt, cfg.new_tokens, cfg.sample) for _ in range(level - 1)]
         while any(len(times) < 2 for _, times in runs):  # the batch is decoding
             time.sleep(0.001)
-        runs.append(_timed(engine, prompt, cfg.new_tokens))  # joins it
+        runs.append(_timed(engine, prompt, cfg.new_tokens, cfg.sample))  # joins it
         for thread, _ in runs:
             thread.join()
         concurrent_s.append(time.perf_counter() - start)
@@ -514,7 +528,7 @@ def serve_level(engine, prompt: list[int], level: int, cfg: ServeConfig) -> dict
 
 def run_serve(cfg: ServeConfig) -> dict:
     results = {"preset": cfg.preset, "device": cfg.device, "prompt_tokens": cfg.prompt_tokens,
-               "new_tokens": cfg.new_tokens, "repeats": cfg.repeats, "models": {}}
+               "new_tokens": cfg.new_tokens, "repeats": cfg.repeats, "sampling": cfg.sample, "models": {}}
     for kind in cfg.models:
         from .serving.engine import Engine
 
@@ -536,7 +550,7 @@ def run_serve(cfg: ServeConfig) -> dict:
 
 def serve_report(result: dict) -> str:
     lines = [f"batching engine, {result['preset']} shapes on {result['device']}, prompt {result['prompt_tokens']} "
-             f"+ {result['new_tokens']} new tokens (best of {result['repeats']})"]
+             f"+ {result['new_tokens']} new tokens, {'sampled' if result.get('sampling') else 'greedy'} (best of {result['repeats']})"]
     for kind, r in result["models"].items():
         compiled = "" if r.get("compile_s") is None else (
             f", compiled decode step ({r['compile_s']:.1f} s to build)" if r["compiled"] else ", compile failed: eager")
@@ -570,6 +584,9 @@ def add_serve_parser(sub) -> None:
     serve.add_argument("--no-pack", action="store_true",
                        help="plain F.linear even where the loaders would use packed bf16 weights or weight-first "
                             "fp32 linears (to measure what those layouts give)")
+    serve.add_argument("--sample", action="store_true",
+                       help="requests sample as the apps do (temperature 0.95, top-p 0.7, top-k 50, each from its "
+                            "own seeded generator) instead of greedy argmax: sampling costs per row")
     serve.add_argument("--json", action="store_true", help="print one JSON object")
 
 
@@ -586,7 +603,8 @@ def serve_config(parser: argparse.ArgumentParser, args: argparse.Namespace) -> S
     if args.threads:
         torch.set_num_threads(args.threads)
     return ServeConfig(models=models, concurrency=levels, preset=args.preset, dtype=args.dtype, device=args.device,
-                       compile=args.compile, pack=not args.no_pack, prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens, repeats=args.repeats)
+                       compile=args.compile, pack=not args.no_pack, prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens, repeats=args.repeats,
+                       sample=args.sample)
 
 
 def parse_args(argv: list[str] | None) -> tuple[BenchConfig, bool]:

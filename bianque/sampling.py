@@ -67,6 +67,28 @@ def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
     return logits.masked_fill(drop, float("-inf"))
 
 
+def top_k_top_p_filter(logits: torch.Tensor, k: int, p: float) -> torch.Tensor:
+    """``top_p_filter(top_k_filter(logits, k), p)`` computed row by row on the top-k survivors
+    only: a sort of about k scores instead of the whole vocabulary (0.27 vs 2.2 ms for one
+    130k-token row on a 2-CPU machine), which matters when a serving step samples many rows.
+    Same kept tokens, except that among survivors with EQUAL scores the one with the lower id is
+    dropped first (a stable sort; the whole-vocabulary sort leaves that order unspecified)."""
+    vocab = logits.size(-1)
+    if k <= 0 or k >= vocab or p >= 1.0:
+        return top_p_filter(top_k_filter(logits, k), p)
+    flat = logits.reshape(-1, vocab)
+    kth = torch.topk(flat, k, dim=-1).values[:, -1:]
+    out = torch.full_like(flat, float("-inf"))
+    for row, (scores, threshold) in enumerate(zip(flat, kth)):
+        survivors = (scores >= threshold).nonzero().squeeze(-1)  # ties with the k-th kept, as top_k_filter
+        ascending, order = torch.sort(scores[survivors], stable=True)
+        kept = ascending.softmax(dim=-1).cumsum(dim=-1) > (1 - p)
+        kept[-1] = True  # always keep the most likely token
+        tokens = survivors[order[kept]]
+        out[row, tokens] = scores[tokens]
+    return out.view_as(logits)
+
+
 def banned_ngram_tokens(ids: list[int], n: int) -> set[int]:
     """Tokens that would complete an n-gram already present in ``ids`` (no_repeat_ngram_size)."""
     if n <= 0 or len(ids) + 1 < n:
@@ -92,9 +114,7 @@ def process_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor
     """Temperature -> top-k -> top-p, only when sampling (greedy uses the raw scores)."""
     if not params.do_sample:
         return logits
-    logits = apply_temperature(logits, params.temperature)
-    logits = top_k_filter(logits, params.top_k)
-    return top_p_filter(logits, params.top_p)
+    return top_k_top_p_filter(apply_temperature(logits, params.temperature), params.top_k, params.top_p)
 
 
 def next_token(

@@ -216,3 +216,28 @@ def test_a_process_that_replied_through_the_engine_exits_cleanly():
         proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
         assert proc.returncode == 0, proc.stderr[-1500:]
         assert "terminate called" not in proc.stderr
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_rows_are_sampled_on_a_pool_with_threads_to_spare_each_from_its_own_generator(monkeypatch, threads):
+    """Seeded sampled requests in one batch give the tokens they give alone, whether their rows are
+    chosen one after another (1 torch thread) or on the sampling pool (2); a choose that raises on
+    a pool thread fails its own request only."""
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    names = set()
+
+    def sampled(prompt, seed, n=6, broken=False):
+        generator = torch.Generator().manual_seed(seed)
+
+        def choose(row, generated):
+            names.add(threading.current_thread().name)
+            if broken and len(generated) == 3:
+                raise RuntimeError("sampling broke")
+            return int(torch.multinomial(torch.softmax(row + torch.arange(V) / V, -1), 1, generator=generator))
+        return Request(prompt=list(prompt), choose=choose, is_stop=lambda t: False, max_new_tokens=n)
+
+    alone = [run_all(Engine(FakeRunner(1)), [sampled(p, i)])[0] for i, p in enumerate(PROMPTS[:4])]
+    names.clear()
+    together = run_all(Engine(FakeRunner(4)), [sampled(p, i) for i, p in enumerate(PROMPTS[:4])] + [sampled([9], 9, broken=True)])
+    assert together[:4] == alone and isinstance(together[4], RuntimeError)
+    assert any(n.startswith("bianque-sampling") for n in names) == (threads > 1)

@@ -72,3 +72,29 @@ def test_process_logits_greedy_is_identity():
 def test_params_validation(kw):
     with pytest.raises(ValueError):
         SamplingParams(**kw)
+
+
+@pytest.mark.parametrize("vocab,k,p", [(130528, 50, 0.7), (32128, 50, 0.6), (1000, 5, 0.9), (64, 63, 0.3), (20, 3, 1e-6)])
+def test_top_k_top_p_on_the_survivors_keeps_the_same_tokens_as_the_two_filters(vocab, k, p):
+    """Distinct scores (float32): exactly the tokens the two whole-vocabulary filters keep, with
+    the same scores, for one row and for a batch of rows."""
+    from bianque.sampling import top_k_top_p_filter
+
+    g = torch.Generator().manual_seed(vocab + k)
+    logits = torch.randn(3, vocab, generator=g) * 3
+    expected = top_p_filter(top_k_filter(logits, k), p)
+    assert torch.equal(top_k_top_p_filter(logits, k, p), expected)
+    assert torch.equal(top_k_top_p_filter(logits[1], k, p), expected[1])
+    assert torch.equal(top_k_top_p_filter(logits[:1], k, p), expected[:1])
+
+
+def test_top_k_top_p_ties_drop_the_lower_id_first_and_delegates_without_either_filter():
+    from bianque.sampling import top_k_top_p_filter
+
+    x = torch.tensor([1.0, 3.0, 1.0, 3.0, 0.0, -1.0])  # two tied pairs; top-2 keeps both 3.0s
+    # probabilities among the survivors {1, 3}: 0.5 each; p=0.5 drops the first in stable order (id 1)
+    assert torch.isfinite(top_k_top_p_filter(x, 2, 0.5)).tolist() == [False, False, False, True, False, False]
+    # top-3: ties with the 3rd are kept (ids 0 and 2 as well), as top_k_filter does
+    assert torch.isfinite(top_k_top_p_filter(x, 3, 0.99)).tolist() == [True, True, True, True, False, False]
+    for k, p in ((0, 0.5), (2, 1.0), (6, 0.5)):
+        assert torch.equal(top_k_top_p_filter(x, k, p), top_p_filter(top_k_filter(x, k), p))
