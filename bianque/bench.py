@@ -44,6 +44,7 @@ from .glm.generate import generate_tokens, static_decoder
 from .glm.model import GLMForCausalLM
 from .glm.quant import quantize_block_
 from .sampling import SamplingParams, next_token
+from .serving.openmp import release_team
 from .settings import DTYPES, dtype_name
 
 PRESETS = {
@@ -535,6 +536,8 @@ def run_serve(cfg: ServeConfig) -> dict:
         runner, prompt = _serve_runner(kind, cfg, max(cfg.concurrency))
         compile_s = runner.warm_up() if kind == "glm" and cfg.compile else None  # every bucket, before timing
         engine = Engine(runner)
+        if cfg.device == "cpu":
+            release_team()  # as the loaders do: the engine thread computes, this thread's OpenMP team goes
         _timed(engine, prompt, 2)[0].join()  # warm-up
         levels = [serve_level(engine, prompt, level, cfg) for level in cfg.concurrency]
         param = next(runner.model.parameters())

@@ -32,6 +32,7 @@ from .serving.engine import Engine
 from .serving.runner import check_kv_memory
 from .serving.reply import EngineLane, Reply, SoloLane, Turns
 from .serving.request import Request
+from .serving.openmp import release_team
 from .serving.t5_runner import T5Runner
 from .settings import dtype_name, torch_dtype
 
@@ -346,10 +347,13 @@ def load_questioner(model: str = V1_REPO, device: str = "cpu", dtype: str | None
                         "--v1-max-batch (or --max-batch, BIANQUE_V1_MAX_BATCH, BIANQUE_MAX_BATCH)")
     log.info("loaded BianQue-1.0 from %s on %s (%s)", path, device, dtype_name(next(net.parameters()).dtype))
     try:
-        return T5Questioner(net, tokenizer, source=model, max_batch=max_batch)
+        questioner = T5Questioner(net, tokenizer, source=model, max_batch=max_batch)
     except (torch.OutOfMemoryError, MemoryError) as exc:
         raise ModelLoadError(f"out of memory allocating BianQue-1.0's KV cache for max_batch={max_batch} on "
                              f"{device}; lower --v1-max-batch / BIANQUE_V1_MAX_BATCH") from exc
+    if max_batch > 0 and torch.device(device).type == "cpu":
+        release_team()  # the engine thread computes from now on: this thread's OpenMP team would slow it
+    return questioner
 
 
 def slot_bytes(model, params: V1Params) -> dict[torch.device, int]:

@@ -20,6 +20,7 @@ from ..prompt import PATIENT, Fit, Turn, build_prompt, fit_dialogue, validate_di
 from ..sampling import SamplingParams, guard_invalid, next_token
 from ..serving.engine import Engine
 from ..serving.glm_runner import GLMRunner
+from ..serving.openmp import release_team
 from ..serving.runner import check_kv_memory
 from ..serving.reply import EngineLane, Reply, SoloLane, Turns
 from ..serving.request import Request
@@ -232,5 +233,7 @@ def load_advisor(model: str = V2_REPO, device: str = "cpu", dtype: str | torch.d
         elif advisor.engine.runner.compiled is not None:
             log.info("BianQue-2.0 batched decode steps compiled for batch sizes %s (warm-up) in %.1f s",
                      advisor.engine.runner.buckets, time.perf_counter() - start)
+    if advisor.engine is not None and advisor.engine.runner.device.type == "cpu":
+        release_team()  # the engine thread computes from now on: this thread's OpenMP team would slow it
     log.info("loaded BianQue-2.0 from %s on %s (%s%s)", path, device, dtype_name(dtype), ", compiled decoding" if compile else "")
     return advisor

@@ -12,6 +12,7 @@ import torch
 
 from .request import DONE, Request
 from .runner import Runner
+from .openmp import single_threaded
 from .scheduler import Scheduler
 
 log = logging.getLogger(__name__)
@@ -166,7 +167,8 @@ class Engine:
         if len(pairs) < 2 or workers < 2:
             return [one(pair) for pair in pairs]
         if self._samplers is None:
-            self._samplers = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="bianque-sampling")
+            self._samplers = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="bianque-sampling",
+                                                initializer=single_threaded)  # no OpenMP teams of their own
         return list(self._samplers.map(one, pairs))
 
     def _advance(self, request: Request, token: int | BaseException) -> None:
