@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 import torch
@@ -241,3 +242,22 @@ def test_rows_are_sampled_on_a_pool_with_threads_to_spare_each_from_its_own_gene
     together = run_all(Engine(FakeRunner(4)), [sampled(p, i) for i, p in enumerate(PROMPTS[:4])] + [sampled([9], 9, broken=True)])
     assert together[:4] == alone and isinstance(together[4], RuntimeError)
     assert any(n.startswith("bianque-sampling") for n in names) == (threads > 1)
+
+
+def test_an_idle_engine_hands_its_openmp_team_back(monkeypatch):
+    """Before waiting for work the loop releases its thread's OpenMP team, so that another engine
+    in the process (the CoQ app runs two) computes with the only team (serving/openmp.py)."""
+    import bianque.serving.engine as engine_module
+
+    released = []
+    monkeypatch.setattr(engine_module, "release_team", lambda: released.append(threading.current_thread().name) or True)
+    engine = Engine(FakeRunner(max_batch=2))
+    assert run_all(engine, [greedy([1], 3)]) == [solo([1], 3)]
+    deadline = time.monotonic() + 5
+    while not released and time.monotonic() < deadline:  # once the request is done
+        time.sleep(0.01)
+    assert released == ["bianque-engine"]
+    assert run_all(engine, [greedy([2], 3)]) == [solo([2], 3)]
+    while len(released) < 2 and time.monotonic() < deadline:  # and after each busy spell
+        time.sleep(0.01)
+    assert released == ["bianque-engine"] * 2

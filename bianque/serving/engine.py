@@ -12,7 +12,7 @@ import torch
 
 from .request import DONE, Request
 from .runner import Runner
-from .openmp import single_threaded
+from .openmp import release_team, single_threaded
 from .scheduler import Scheduler
 
 log = logging.getLogger(__name__)
@@ -95,6 +95,10 @@ class Engine:
     def _loop(self) -> None:
         while True:
             with self._cond:
+                if self.scheduler.idle() and not self._closing:
+                    # Idle: hand this thread's OpenMP team back, so that another engine in this
+                    # process (the CoQ app runs two) computes with the only team (serving/openmp.py).
+                    release_team()
                 while self.scheduler.idle() and not self._closing:
                     self._cond.wait()
                 if self._closing:

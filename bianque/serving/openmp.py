@@ -9,9 +9,10 @@ decode step of 8 rows (bf16): 13-14 ms in a thread whose team is the only one, 1
 engine thread while the thread that loaded the model still had its team, and about 16.5 ms in the
 engine once that thread gave its team back.
 
-So the loaders give the loading thread's team back once the model is built (`release_team`), and
-threads that only pick tokens run their torch ops on one thread (`single_threaded`). Both do
-nothing where torch does not run on an OpenMP runtime found next to it.
+So the loaders give the loading thread's team back once the model is built (`release_team`), an
+engine gives its own back whenever it goes idle (the CoQ app runs two engines), and threads that
+only pick tokens run their torch ops on one thread (`single_threaded`). All do nothing where torch
+does not run on an OpenMP runtime found next to it.
 """
 from __future__ import annotations
 
