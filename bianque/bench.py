@@ -546,6 +546,7 @@ def run_serve(cfg: ServeConfig) -> dict:
                                    "weight_first": any(isinstance(m, WeightFirstLinear) for m in runner.model.modules()), "compile_s": compile_s,
                                    "compiled": getattr(runner, "compiled", None) is not None if compile_s is not None else None,
                                    "peak_memory_gb": peak_memory_gb(torch.device(cfg.device))}
+        engine.shutdown()  # its thread (and OpenMP team) goes before the next model is built and probed
         del engine, runner
         gc.collect()
     return results
