@@ -31,10 +31,11 @@ OMP_PAUSE_SOFT = 1  # omp_pause_resource_t: free the calling thread's OpenMP res
 
 @lru_cache(maxsize=1)
 def _runtime() -> ctypes.CDLL | None:
-    """The OpenMP runtime torch links (its bundled lib*omp*), or None."""
+    """The OpenMP runtime torch links (its bundled libgomp / libomp / libiomp), or None."""
     if "OpenMP" not in torch.__config__.parallel_info():
         return None
-    libs = sorted(glob.glob(os.path.join(os.path.dirname(torch.__file__), "lib", "lib*omp*.so*")))
+    here = os.path.join(os.path.dirname(torch.__file__), "lib")
+    libs = sorted(path for name in ("libgomp*.so*", "libomp*.so*", "libiomp*.so*") for path in glob.glob(os.path.join(here, name)))
     for path in libs:
         try:
             lib = ctypes.CDLL(path)
