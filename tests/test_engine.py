@@ -190,6 +190,7 @@ def test_shutdown_ends_running_and_waiting_requests_and_refuses_new_ones():
             list(stream)
     with pytest.raises(RuntimeError, match="shut down"):
         engine.submit(greedy([3], 3))
+    assert engine.scheduler.idle()  # the refused request was never queued
 
 
 EXIT_SCRIPT = """

@@ -58,9 +58,9 @@ class Engine:
         if request.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be at least 1, got {request.max_new_tokens}")
         with self._cond:
-            self.scheduler.add(request)
             if self._closing:
                 raise RuntimeError("the serving engine has been shut down")
+            self.scheduler.add(request)
             if self._thread is None:  # started on first use: nothing runs at construction
                 self._thread = threading.Thread(target=self._loop, name="bianque-engine", daemon=True)
                 self._thread.start()
