@@ -43,7 +43,7 @@ from .glm.cpu_pack import PackedEmbedding, PackedLinear, PackedRows, pack_embedd
 from .glm.generate import generate_tokens, static_decoder
 from .glm.model import GLMForCausalLM
 from .glm.quant import quantize_block_
-from .sampling import SamplingParams, next_token
+from .sampling import next_token
 from .serving.openmp import release_team
 from .settings import DTYPES, dtype_name
 
@@ -436,7 +436,7 @@ class ServeConfig:
     prompt_tokens: int = 64
     new_tokens: int = 32
     repeats: int = 3
-    sample: bool = False  # each request samples (SERVE_SAMPLING, its own seeded generator) instead of argmax
+    sample: bool = False  # each request samples (the apps' V2Params sampling, its own seeded generator) instead of argmax
 
 
 def _serve_runner(kind: str, cfg: ServeConfig, max_batch: int):
@@ -465,20 +465,19 @@ def _serve_runner(kind: str, cfg: ServeConfig, max_batch: int):
     return T5Runner(model, max_batch), prompt
 
 
-# BianQue-2's sampling settings in the apps (ChatGLM's chat defaults, transformers' top-k 50)
-SERVE_SAMPLING = SamplingParams(do_sample=True, temperature=0.95, top_p=0.7, top_k=50)
-
-
 def _timed(engine, prompt: list[int], new_tokens: int, sample: bool = False) -> tuple[threading.Thread, list[float]]:
     """Submit one request of exactly `new_tokens` tokens (no stop token), greedy or (`sample`)
     sampled as the apps sample, from its own seeded generator; a thread records [submitted, token times...]."""
     from .serving.request import Request
 
     if sample:
+        from .glm.advisor import V2Params
+
+        sampling = V2Params().sampling  # BianQue-2's sampling settings in the apps
         generator = torch.Generator().manual_seed(len(prompt))
 
         def choose(row: torch.Tensor, generated: list[int]) -> int:
-            return int(next_token(row[None], SERVE_SAMPLING, generator)[0])
+            return int(next_token(row[None], sampling, generator)[0])
     else:
         def choose(row: torch.Tensor, generated: list[int]) -> int:
             return int(row.argmax())

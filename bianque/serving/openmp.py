@@ -18,13 +18,10 @@ from __future__ import annotations
 
 import ctypes
 import glob
-import logging
 import os
 from functools import lru_cache
 
 import torch
-
-log = logging.getLogger(__name__)
 
 OMP_PAUSE_SOFT = 1  # omp_pause_resource_t: free the calling thread's OpenMP resources, keep the settings
 
