@@ -30,6 +30,7 @@ import gc
 import json
 import math
 import resource
+import statistics
 import sys
 import threading
 import time
@@ -465,9 +466,11 @@ def _serve_runner(kind: str, cfg: ServeConfig, max_batch: int):
     return T5Runner(model, max_batch), prompt
 
 
-def _timed(engine, prompt: list[int], new_tokens: int, sample: bool = False) -> tuple[threading.Thread, list[float]]:
+def _timed(engine, prompt: list[int], new_tokens: int, sample: bool = False, start: bool = True):
     """Submit one request of exactly `new_tokens` tokens (no stop token), greedy or (`sample`)
-    sampled as the apps sample, from its own seeded generator; a thread records [submitted, token times...]."""
+    sampled as the apps sample, from its own seeded generator. Returns (thread, times): the thread
+    reads the stream and records [submitted, token times...]; `start=False` leaves it to the caller
+    to start (so that several requests can be submitted before any reader runs)."""
     from .serving.request import Request
 
     if sample:
@@ -489,7 +492,8 @@ def _timed(engine, prompt: list[int], new_tokens: int, sample: bool = False) -> 
         for _ in stream:
             times.append(time.perf_counter())
     thread = threading.Thread(target=consume)
-    thread.start()
+    if start:
+        thread.start()
     return thread, times
 
 
@@ -499,31 +503,49 @@ def _percentile(values: list[float], q: float) -> float:
 
 
 def serve_level(engine, prompt: list[int], level: int, cfg: ServeConfig) -> dict:
-    """One concurrency level: `level` requests serially, then at once (the last joins the running batch)."""
-    start = time.perf_counter()
-    for _ in range(level):
-        thread, _ = _timed(engine, prompt, cfg.new_tokens, cfg.sample)
-        thread.join()
-    serial_s = time.perf_counter() - start
-    concurrent_s, streams, joins = [], [], []
+    """One concurrency level, `cfg.repeats` rounds of three runs each:
+    - serial: the `level` replies one after the other;
+    - at once: the same `level` replies submitted together (the speedup is serial / at once);
+    - joining: `level - 1` replies decoding when one more arrives (its time to first token).
+    The serial and at-once runs of a round follow each other, so each round's speedup compares
+    runs taken under the same machine speed (a shared VM drifts over minutes); the report gives
+    every round's speedup and the medians."""
+    serial_s, concurrent_s, speedups, streams, joins = [], [], [], [], []
     for _ in range(cfg.repeats):
         start = time.perf_counter()
-        runs = [_timed(engine, prompt, cfg.new_tokens, cfg.sample) for _ in range(level - 1)]
-        while any(len(times) < 2 for _, times in runs):  # the batch is decoding
-            time.sleep(0.001)
-        runs.append(_timed(engine, prompt, cfg.new_tokens, cfg.sample))  # joins it
+        for _ in range(level):
+            thread, _ = _timed(engine, prompt, cfg.new_tokens, cfg.sample)
+            thread.join()
+        serial_s.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        runs = [_timed(engine, prompt, cfg.new_tokens, cfg.sample, start=False) for _ in range(level)]
+        for thread, _ in runs:
+            thread.start()
         for thread, _ in runs:
             thread.join()
         concurrent_s.append(time.perf_counter() - start)
-        joins.append(runs[-1][1][1] - runs[-1][1][0])
+        speedups.append(serial_s[-1] / concurrent_s[-1])
         streams += [(cfg.new_tokens - 1) / (times[-1] - times[1]) for _, times in runs if times[-1] > times[1]]
-    best = min(concurrent_s)
+        joins.append(_join_ttft(engine, prompt, level, cfg))
+    serial, concurrent = statistics.median(serial_s), statistics.median(concurrent_s)
     return {
-        "concurrency": level, "serial_s": serial_s, "concurrent_s": best, "speedup": serial_s / best,
-        "aggregate_decode_tokens_per_s": level * cfg.new_tokens / best,
+        "concurrency": level, "serial_s": serial, "concurrent_s": concurrent, "speedup": statistics.median(speedups),
+        "speedups": speedups, "aggregate_decode_tokens_per_s": level * cfg.new_tokens / concurrent,
         "per_stream_decode_tokens_per_s": sum(streams) / len(streams) if streams else None,
         "ttft_join_p50_s": _percentile(joins, 0.5), "ttft_join_p95_s": _percentile(joins, 0.95),
     }
+
+
+def _join_ttft(engine, prompt: list[int], level: int, cfg: ServeConfig) -> float:
+    """Seconds to the first token of a request that arrives while `level - 1` others decode."""
+    runs = [_timed(engine, prompt, cfg.new_tokens, cfg.sample) for _ in range(level - 1)]
+    while any(len(times) < 2 and thread.is_alive() for thread, times in runs):  # the batch is decoding
+        time.sleep(0.001)
+    runs.append(_timed(engine, prompt, cfg.new_tokens, cfg.sample))
+    for thread, _ in runs:
+        thread.join()
+    times = runs[-1][1]
+    return times[1] - times[0]
 
 
 def run_serve(cfg: ServeConfig) -> dict:
@@ -553,7 +575,7 @@ def run_serve(cfg: ServeConfig) -> dict:
 
 def serve_report(result: dict) -> str:
     lines = [f"batching engine, {result['preset']} shapes on {result['device']}, prompt {result['prompt_tokens']} "
-             f"+ {result['new_tokens']} new tokens, {'sampled' if result.get('sampling') else 'greedy'} (best of {result['repeats']})"]
+             f"+ {result['new_tokens']} new tokens, {'sampled' if result.get('sampling') else 'greedy'}, medians of {result['repeats']} rounds"]
     for kind, r in result["models"].items():
         compiled = "" if r.get("compile_s") is None else (
             f", compiled decode step ({r['compile_s']:.1f} s to build)" if r["compiled"] else ", compile failed: eager")
@@ -579,7 +601,8 @@ def add_serve_parser(sub) -> None:
     serve.add_argument("--device", default="cpu")
     serve.add_argument("--prompt-tokens", type=int, default=64)
     serve.add_argument("--new-tokens", type=int, default=32)
-    serve.add_argument("--repeats", type=int, default=3)
+    serve.add_argument("--repeats", type=int, default=3,
+                       help="rounds per level (serial, at once, joining); the report gives medians (default 3)")
     serve.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     serve.add_argument("--compile", action="store_true",
                        help="GLM: compile the engine's batched decode step (one graph per batch bucket, built "
