@@ -40,7 +40,7 @@ import torch
 
 from .glm.config import GLMConfig
 from .cpu_linear import WeightFirstLinear, use_weight_first_
-from .glm.cpu_pack import PackedEmbedding, PackedLinear, PackedRows, pack_embedding_, pack_linears_, packing_available
+from .glm.cpu_pack import PackedEmbedding, PackedLinear, PackedRows, pack_embedding_, pack_linears_, packing_pays
 from .glm.generate import generate_tokens, static_decoder
 from .glm.model import GLMForCausalLM
 from .glm.quant import quantize_block_
@@ -312,7 +312,7 @@ def run_consultation(model: GLMForCausalLM, tokenizer_dir: str, turns: int, max_
 def run_glm(cfg: BenchConfig) -> dict:
     device, dtype = torch.device(cfg.device), DTYPES[cfg.dtype]
     config = PRESETS[cfg.preset]
-    pack = cfg.pack and packing_available(device, dtype)  # with --quantize: the embedding/head only
+    pack = cfg.pack and packing_pays(device, dtype, config.hidden_size)  # with --quantize: the embedding/head only
     matvec, matvec_best = matvec_gbps(dtype, device, cfg.matvec_mb, cfg.repeats, pack)
     load_s = None
     if cfg.checkpoint:
@@ -451,7 +451,7 @@ def _serve_runner(kind: str, cfg: ServeConfig, max_batch: int):
     torch.manual_seed(0)
     if kind == "glm":
         config = SERVE_PRESETS["glm"][cfg.preset]
-        model = random_model(config, dtype, device, pack=cfg.pack and packing_available(device, dtype))
+        model = random_model(config, dtype, device, pack=cfg.pack and packing_pays(device, dtype, config.hidden_size))
         if cfg.pack:  # as load_advisor does
             use_weight_first_(model)
         prompt = prompt_ids(config, cfg.prompt_tokens, torch.device("cpu"))[0].tolist()
@@ -460,7 +460,9 @@ def _serve_runner(kind: str, cfg: ServeConfig, max_batch: int):
 
     config = T5Config(vocab_size=32128, decoder_start_token_id=0, **SERVE_PRESETS["t5"][cfg.preset])
     model = T5ForConditionalGeneration(config).to(device=device, dtype=dtype).eval()
-    if cfg.pack:  # as load_questioner does
+    if cfg.pack and packing_pays(device, dtype, config.d_model):  # as load_questioner does
+        pack_linears_(model)
+    elif cfg.pack:
         use_weight_first_(model)
     prompt = torch.randint(10, 32000, (cfg.prompt_tokens,), generator=torch.Generator().manual_seed(1)).tolist()
     return T5Runner(model, max_batch), prompt

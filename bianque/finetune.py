@@ -411,7 +411,7 @@ def setup(cfg: TrainConfig) -> Run:
     total = cfg.max_steps or cfg.epochs * per_epoch
     # the v1 loader: loud on missing/mis-shaped tensors and a tokenizer from another checkpoint.
     # fp32 master weights (and optimizer state); mixed precision autocasts on top.
-    questioner = load_questioner(str(resume_from or model_dir), device="cpu", dtype="float32")
+    questioner = load_questioner(str(resume_from or model_dir), device="cpu", dtype="float32", pack=False)
     model, tokenizer = questioner.model.train(), questioner.tokenizer
     pad_id = model.config.pad_token_id
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)

@@ -25,6 +25,7 @@ import torch
 
 from .cpu_linear import use_weight_first_
 from .errors import ModelLoadError
+from .glm.cpu_pack import PackedLinear, pack_linears_, packing_pays
 from .hub import V1_REPO, resolve_checkpoint
 from .prompt import Fit, Turn, build_prompt, escape_v1, fit_dialogue, unescape_v1, validate_dialogue
 from .sampling import SamplingParams, banned_ngram_tokens, next_token
@@ -326,9 +327,12 @@ class T5Questioner:
 
 
 def load_questioner(model: str = V1_REPO, device: str = "cpu", dtype: str | None = None,
-                    max_batch: int = 0) -> T5Questioner:
+                    max_batch: int = 0, pack: bool = True) -> T5Questioner:
     """BianQue-1.0 from a hub id or a local directory, on ``device`` in ``dtype`` (None: fp32 CPU / fp16 CUDA);
-    ``max_batch`` > 0 batches concurrent replies through the serving engine (see ``T5Questioner``)."""
+    ``max_batch`` > 0 batches concurrent replies through the serving engine (see ``T5Questioner``).
+    In float32 on CPU the linears are packed for oneDNN where that times faster on this CPU
+    (glm/cpu_pack.py), else multiplied weight first where that is (cpu_linear.py); ``pack=False``
+    (training: packed weights are not trained) keeps them plain Parameters."""
     path = resolve_checkpoint(model, "--v1-model or BIANQUE_V1_MODEL")
     tokenizer = load_tokenizer(path)
     net = _load_model(path, torch_dtype(dtype, device, "v1"))
@@ -341,11 +345,15 @@ def load_questioner(model: str = V1_REPO, device: str = "cpu", dtype: str | None
         raise ModelLoadError(f"could not move BianQue-1.0 to {device}: {str(exc).splitlines()[0]}; "
                              "pick another --v1-device or --v1-dtype") from exc
     if torch.device(device).type == "cpu" and next(net.parameters()).dtype == torch.float32:
-        use_weight_first_(net)  # few-row fp32 products (batched decode steps), where this CPU's BLAS favours it
+        if pack and packing_pays(device, torch.float32, net.config.d_model):
+            pack_linears_(net)  # every linear, the head included (a tied head keeps its embedding too)
+        else:
+            use_weight_first_(net)  # few-row fp32 products (batched decode steps), where this CPU's BLAS favours it
     if max_batch > 0:
         check_kv_memory(slot_bytes(net, V1Params()), max_batch, "BianQue-1.0",
                         "--v1-max-batch (or --max-batch, BIANQUE_V1_MAX_BATCH, BIANQUE_MAX_BATCH)")
-    log.info("loaded BianQue-1.0 from %s on %s (%s)", path, device, dtype_name(next(net.parameters()).dtype))
+    log.info("loaded BianQue-1.0 from %s on %s (%s%s)", path, device, dtype_name(next(net.parameters()).dtype),
+             ", packed weights" if any(isinstance(m, PackedLinear) for m in net.modules()) else "")
     try:
         questioner = T5Questioner(net, tokenizer, source=model, max_batch=max_batch)
     except (torch.OutOfMemoryError, MemoryError) as exc:

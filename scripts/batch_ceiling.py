@@ -16,7 +16,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bianque import bench  # noqa: E402
-from bianque.glm.cpu_pack import packing_available  # noqa: E402
+from bianque.glm.cpu_pack import packing_pays  # noqa: E402
 from bianque.settings import DTYPES  # noqa: E402
 
 
@@ -28,7 +28,7 @@ def main() -> None:
     torch.manual_seed(0)
     dtype, cpu = DTYPES[args.dtype], torch.device("cpu")
     config = bench.PRESETS["mid"]
-    model = bench.random_model(config, dtype, cpu, pack=packing_available(cpu, dtype))
+    model = bench.random_model(config, dtype, cpu, pack=packing_pays(cpu, dtype, config.hidden_size))
     ids = bench.prompt_ids(config, args.prompt_tokens, cpu)
 
     def run(batch: int, new: int) -> float:

@@ -151,3 +151,30 @@ def test_loaders_swap_in_float32_on_cpu_where_the_probe_says_so(glm_dir, tmp_pat
     monkeypatch.setattr(cpu_linear, "weight_first_pays", lambda weight, **kw: False)
     assert swapped(load_advisor(glm_dir, device="cpu", dtype="float32").model) == {nn.Linear}
     assert swapped(load_questioner(t5_dir).model) == {nn.Linear}
+
+
+def test_t5_packed_float32_linears_batch_as_they_run_alone(tmp_path_factory, monkeypatch):
+    """Where packing pays (made to here), load_questioner packs every float32 linear (gated
+    feed-forward and head included); the engine's batched steps then give the packed model's solo
+    replies, close to the plain model's; pack=False (training) keeps plain Parameters."""
+    from bianque.glm import cpu_pack
+
+    t5_dir = str(build_tiny_t5(tmp_path_factory.mktemp("t5_packed")))
+    plain = load_questioner(t5_dir, pack=False)
+    monkeypatch.setattr(cpu_pack, "FLOAT32_MIN_HIDDEN", 0)  # the tiny model counts as big enough
+    monkeypatch.setattr(cpu_pack, "_float32_packing_pays", lambda hidden: True)
+    questioner = load_questioner(t5_dir)
+    kinds = lambda model: {type(m) for m in model.modules()} & {nn.Linear, WeightFirstLinear, cpu_pack.PackedLinear}  # noqa: E731
+    assert kinds(questioner.model) == {cpu_pack.PackedLinear} and kinds(plain.model) == {nn.Linear}
+    prompts = [questioner.prompt_ids(d) for d in t5_case.DIALOGUES]
+    solo = [list(generate_ids(questioner.model, ids, dataclasses.replace(t5_case.GREEDY, max_new_tokens=n)))
+            for ids, n in zip(prompts, t5_case.LIMITS)]
+    assert solo == [list(generate_ids(plain.model, ids, dataclasses.replace(t5_case.GREEDY, max_new_tokens=n)))
+                    for ids, n in zip(prompts, t5_case.LIMITS)]
+    loop = t5_case.Loop(T5Runner(questioner.model, max_batch=8, initial_length=4))
+    loop.admit({slot: (slot, ids) for slot, ids in enumerate(prompts)}, dict(enumerate(t5_case.LIMITS)))
+    loop.drain()
+    assert [loop.out[i] for i in range(8)] == solo
+    first = T5Runner(questioner.model, max_batch=8).prefill(list(range(8)), prompts)
+    plain_first = T5Runner(plain.model, max_batch=8).prefill(list(range(8)), prompts)
+    torch.testing.assert_close(first, plain_first, rtol=0, atol=1e-4)

@@ -1,4 +1,4 @@
-"""Prepacked bfloat16 weights for CPU decoding (oneDNN), swapped in like quantised linears.
+"""Prepacked weights for CPU decoding (oneDNN), swapped in like quantised linears.
 
 Why: decoding one token is a matrix-vector product per weight, so its speed is memory
 bandwidth. For bfloat16 on CPU, `F.linear` re-lays the weight out for oneDNN on every call,
@@ -9,26 +9,79 @@ chunks lose ~15 % to per-call overhead): the head multiplies every chunk, and an
 lookup reads its rows straight out of the packed bytes (see `PackedLayout`), so the model never
 keeps a plain and a packed copy of the 1 GB matrix and a decode step never unpacks a chunk.
 
-Only used on CPU in bfloat16 when oneDNN supports it (`packing_available`); numerics are those
-of `F.linear` in bfloat16 (fp32 accumulation, bf16 output). Packed modules have no state_dict
-entries: packing is a runtime layout, not a checkpoint format.
+float32 goes through the BLAS (MKL in torch's wheels), whose matrix-vector and few-row products
+are slow on some CPUs: on a 2-CPU AMD EPYC VM (AVX-512, torch 2.13.0+cpu, 2 threads) a
+[32128, 768] head took 6.2 ms for one row with `F.linear` and 2.7-3.0 ms packed, a [130528, 1024]
+one 26-28 vs 10.6-14.5 ms, a [2048, 768] projection 0.09 vs 0.06 ms, and packed stayed ahead at 8
+and 64 rows. So float32 is packed where `packing_pays` times it faster on this CPU.
+
+Used on CPU in bfloat16 when oneDNN has bf16 kernels, and in float32 where it pays
+(`packing_available`, `packing_pays`); numerics are those of `F.linear` in that dtype (bf16:
+fp32 accumulation, bf16 output; fp32: the same products, summed in another order). Packed
+modules have no state_dict entries: packing is a runtime layout, not a checkpoint format, and
+packed weights are not trained.
 """
 from __future__ import annotations
 
 import ctypes
+import time
+from functools import lru_cache
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 # Measured on one core (bf16, hidden 1024 and 4096): 4 MB chunks ~30 GB/s, 16-32 MB ~34 GB/s,
 # larger ones no better. Rows per chunk follow from the hidden size.
 HEAD_CHUNK_BYTES = 16 << 20
-MARKER_BASE = 128  # marker digits 1..128 are exact in bfloat16 (8 significant bits)
+MARKER_BASE = 128  # marker digits 1..128 are exact in bfloat16 (8 significant bits), so in float32
+FLOAT32_MIN_HIDDEN = 512  # smaller models (tests' tiny ones): either way takes microseconds, keep F.linear
+PROBE_MAX_ROWS = 4096
 
 
 def packing_available(device: torch.device | str, dtype: torch.dtype) -> bool:
-    return (torch.device(device).type == "cpu" and dtype == torch.bfloat16
-            and torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    """Whether weights of `dtype` can be packed here: on CPU with oneDNN, in bfloat16 (where oneDNN
+    has bf16 kernels) or float32."""
+    if torch.device(device).type != "cpu" or not torch.backends.mkldnn.is_available():
+        return False
+    if dtype == torch.bfloat16:
+        return torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    return dtype == torch.float32
+
+
+def packing_pays(device: torch.device | str, dtype: torch.dtype, hidden: int) -> bool:
+    """Whether the loaders pack by default: bfloat16 wherever it is available; float32 where,
+    timed once per hidden size on this CPU, packed products of one row are at least 10 % faster
+    than `F.linear` and those of 4 rows no more than 10 % slower than the better of `F.linear`
+    and the weight-first product (cpu_linear.py)."""
+    if not packing_available(device, dtype):
+        return False
+    return dtype == torch.bfloat16 or (hidden >= FLOAT32_MIN_HIDDEN and _float32_packing_pays(hidden))
+
+
+@lru_cache(maxsize=None)
+@torch.inference_mode()
+def _float32_packing_pays(hidden: int, repeats: int = 5) -> bool:
+    from ..cpu_linear import weight_first
+
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(min(4 * hidden, PROBE_MAX_ROWS), hidden, generator=generator)
+    packed = _pack(weight)
+
+    def best(fn) -> float:
+        fn()  # warm-up
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        return min(times)
+
+    one, four = torch.randn(1, hidden, generator=generator), torch.randn(4, hidden, generator=generator)
+    plain_one, packed_one = best(lambda: F.linear(one, weight)), best(lambda: _linear(one, packed, None))
+    plain_four = min(best(lambda: F.linear(four, weight)), best(lambda: weight_first(four, weight, None)))
+    packed_four = best(lambda: _linear(four, packed, None))
+    return packed_one < 0.9 * plain_one and packed_four <= 1.1 * plain_four
 
 
 def _pack(weight: torch.Tensor) -> torch.Tensor:
@@ -49,27 +102,33 @@ class PackedLinear(nn.Module):
         self.packed = _pack(linear.weight)
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach(), requires_grad=False)
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """The packed (opaque oneDNN) tensor: only its dtype and device mean anything (code that
+        asks a linear for its weight's dtype, as transformers' T5 feed-forward does, still can)."""
+        return self.packed
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return _linear(x, self.packed, self.bias)
 
 
 def _bytes_of(packed: torch.Tensor) -> torch.Tensor | None:
-    """The packed tensor's own memory as a flat bfloat16 view (no copy), or None where this
+    """The packed tensor's own memory as a flat view in its dtype (no copy), or None where this
     torch cannot say where it lives. The view does not keep `packed` alive: hold both."""
     if not (hasattr(torch.ops.mkldnn, "data_ptr") and hasattr(torch.ops.mkldnn, "_nbytes")):
         return None
     nbytes = torch.ops.mkldnn._nbytes(packed)  # blocks may be padded (with zeros) past the shape
     buffer = (ctypes.c_char * nbytes).from_address(torch.ops.mkldnn.data_ptr(packed))
-    return torch.frombuffer(buffer, dtype=torch.bfloat16)
+    return torch.frombuffer(buffer, dtype=packed.dtype)
 
 
-def _marker_offsets(rows: int, cols: int, along_rows: bool) -> torch.Tensor | None:
+def _marker_offsets(rows: int, cols: int, along_rows: bool, dtype: torch.dtype) -> torch.Tensor | None:
     """Where element (r, 0) (along_rows) or (0, c) lands in the packed bytes of a [rows, cols]
     weight: pack marker matrices that hold the index, digit by digit, in that line only."""
     n = rows if along_rows else cols
     index, found, positions, scale = torch.arange(n), torch.zeros(n, dtype=torch.long), None, 1
     while positions is None or scale < n:
-        marker = torch.zeros(rows, cols, dtype=torch.bfloat16)
+        marker = torch.zeros(rows, cols, dtype=dtype)
         (marker[:, 0] if along_rows else marker[0]).copy_(1 + index // scale % MARKER_BASE)
         packed = _pack(marker)
         flat = _bytes_of(packed)
@@ -98,9 +157,9 @@ class PackedLayout:
         self.row_offsets, self.col_offsets = row_offsets, col_offsets
 
     @classmethod
-    def learn(cls, rows: int, cols: int) -> PackedLayout | None:
-        r = _marker_offsets(rows, cols, along_rows=True)
-        c = _marker_offsets(rows, cols, along_rows=False)
+    def learn(cls, rows: int, cols: int, dtype: torch.dtype = torch.bfloat16) -> PackedLayout | None:
+        r = _marker_offsets(rows, cols, along_rows=True, dtype=dtype)
+        c = _marker_offsets(rows, cols, along_rows=False, dtype=dtype)
         if r is None or c is None or r[0] != 0 or c[0] != 0:
             return None
         return cls(r, c)
@@ -128,7 +187,7 @@ class PackedRows:
         """The chunk's layout (all chunks but maybe the last share one); None: unpack instead."""
         shape = tuple(self.chunks[chunk].shape)
         if shape not in self.layouts:
-            layout = PackedLayout.learn(*shape)
+            layout = PackedLayout.learn(*shape, dtype=self.chunks[chunk].dtype)
             self.layouts[shape] = layout if layout is not None and layout.matches(self.chunks[chunk]) else None
         if self.layouts[shape] is not None and self.views[chunk] is None:
             self.views[chunk] = _bytes_of(self.chunks[chunk])
@@ -151,7 +210,7 @@ class PackedRows:
         if flat.numel() == 1:  # a decode step: one row, no masks
             i = int(flat)
             return self._chunk_rows(i // self.rows, torch.tensor([i % self.rows])).view(*ids.shape, self.hidden)
-        out = torch.empty(flat.numel(), self.hidden, dtype=torch.bfloat16, device=ids.device)
+        out = torch.empty(flat.numel(), self.hidden, dtype=self.chunks[0].dtype, device=ids.device)
         for chunk in flat.div(self.rows, rounding_mode="floor").unique().tolist():
             hit = (flat // self.rows) == chunk
             out[hit] = self._chunk_rows(chunk, flat[hit] - chunk * self.rows)

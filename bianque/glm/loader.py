@@ -24,7 +24,7 @@ from ..errors import ModelLoadError
 from ..settings import DTYPES
 from .config import GLMConfig
 from ..cpu_linear import use_weight_first_
-from .cpu_pack import pack_embedding_, pack_linears_, packing_available
+from .cpu_pack import pack_embedding_, pack_linears_, packing_available, packing_pays
 from .model import GLMForCausalLM
 
 log = logging.getLogger(__name__)
@@ -198,9 +198,10 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
                max_memory: dict | None = None, pack: bool | None = None) -> GLMForCausalLM:
     """GLMForCausalLM from a checkpoint directory, in `dtype` (default float32) on `device`,
     with weight-only int8/int4 linears when `quantize` is 8 or 4 (or config.quantization_bit).
-    `pack` (default: whenever possible, i.e. bfloat16 on one CPU with oneDNN bf16; with int8/int4 blocks the embedding/head only)
-    swaps in prepacked weights for fast decoding (cpu_pack.py); in float32 on CPU, weight-first linears
-    where they are faster here (cpu_linear.py); `pack=False`: neither.
+    `pack` (default: bfloat16 on one CPU with oneDNN bf16, and float32 on one CPU where packed products
+    time faster here; with int8/int4 blocks the embedding/head only) swaps in prepacked weights for fast
+    decoding (cpu_pack.py); unpacked float32 on CPU gets weight-first linears where they are faster here
+    (cpu_linear.py); `pack=False`: neither.
     `devices` ('cuda:0,cuda:1' or 'auto') spreads whole blocks over several devices instead
     (placement.py; optional per-device `max_memory` budgets)."""
     directory = Path(path)
@@ -221,9 +222,9 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
     # copy of the 1 GB head (measured: int8 6B peak 8.2 GB instead of 7.1 GB, and slower decoding).
     can_pack = packing_available(device, dtype) and devices is None
     if pack and not can_pack:
-        raise ModelLoadError("packed weights need bfloat16 on one CPU with oneDNN bf16 support")
-    plain = pack is False  # no runtime layouts at all: neither packed bf16 nor weight-first fp32
-    pack = can_pack if pack is None else pack
+        raise ModelLoadError("packed weights need one CPU with oneDNN, in float32 or in bfloat16 with oneDNN bf16 support")
+    plain = pack is False  # no runtime layouts at all: neither packed weights nor weight-first fp32
+    pack = (can_pack and packing_pays(device, dtype, config.hidden_size)) if pack is None else pack
     with torch.device("meta"):
         model = GLMForCausalLM(config)
     if stored_bits:
