@@ -433,7 +433,7 @@ class ServeConfig:
     dtype: str | None = None  # None: each model's CPU/CUDA default (settings.torch_dtype)
     device: str = "cpu"
     compile: bool = False  # GLM: the engine's compiled batched step (one graph per batch bucket)
-    pack: bool = True  # the loaders' runtime layouts: packed bf16 (GLM) and weight-first fp32 linears
+    pack: bool = True  # the loaders' runtime layouts: packed bf16/fp32 weights and weight-first fp32 linears
     prompt_tokens: int = 64
     new_tokens: int = 32
     repeats: int = 3
@@ -610,7 +610,7 @@ def add_serve_parser(sub) -> None:
                        help="GLM: compile the engine's batched decode step (one graph per batch bucket, built "
                             "before timing; compile_s in the JSON), as --v2-compile does; T5 ignores it")
     serve.add_argument("--no-pack", action="store_true",
-                       help="plain F.linear even where the loaders would use packed bf16 weights or weight-first "
+                       help="plain F.linear even where the loaders would use packed bf16/fp32 weights or weight-first "
                             "fp32 linears (to measure what those layouts give)")
     serve.add_argument("--sample", action="store_true",
                        help="requests sample as the apps do (temperature 0.95, top-p 0.7, top-k 50, each from its "
@@ -648,7 +648,7 @@ def parse_args(argv: list[str] | None) -> tuple[BenchConfig, bool]:
     glm.add_argument("--matvec-mb", type=int, default=None, help="bandwidth probe matrix size (default 512 / 256 for 6b)")
     glm.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     glm.add_argument("--no-pack", action="store_true",
-                     help="plain F.linear even where packed bf16 weights or weight-first fp32 linears would be used")
+                     help="plain F.linear even where packed bf16/fp32 weights or weight-first fp32 linears would be used")
     glm.add_argument("--quantize", type=int, choices=(4, 8), help="weight-only int8/int4 block linears")
     glm.add_argument("--checkpoint", help="load this checkpoint directory instead of random weights (reports load time)")
     glm.add_argument("--consultation", type=int, default=0, metavar="TURNS",
