@@ -70,19 +70,20 @@ def _probe_weight(module: nn.Module) -> torch.Tensor | None:
 def weight_first_pays(weight: torch.Tensor, rows: int = PROBE_ROWS, repeats: int = 5) -> bool:
     """Whether the weight-first product of `rows` rows beats `F.linear` on this weight by 10 %."""
     x = torch.randn(rows, weight.shape[1], generator=torch.Generator().manual_seed(0)).to(weight)
-
-    def best(fn) -> float:
-        fn()  # warm-up
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start)
-        return min(times)
-
-    plain = best(lambda: F.linear(x, weight))
-    first = best(lambda: weight_first(x, weight, None))
+    plain = best_time(lambda: F.linear(x, weight), repeats)
+    first = best_time(lambda: weight_first(x, weight, None), repeats)
     return first < 0.9 * plain
+
+
+def best_time(fn, repeats: int) -> float:
+    """The fastest of `repeats` timed calls of `fn`, after one warm-up call (seconds)."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
 
 
 def use_weight_first_(module: nn.Module, probe: bool = True) -> int:

@@ -24,7 +24,6 @@ packed weights are not trained.
 from __future__ import annotations
 
 import ctypes
-import time
 from functools import lru_cache
 
 import torch
@@ -62,25 +61,17 @@ def packing_pays(device: torch.device | str, dtype: torch.dtype, hidden: int) ->
 @lru_cache(maxsize=None)
 @torch.inference_mode()
 def _float32_packing_pays(hidden: int, repeats: int = 5) -> bool:
-    from ..cpu_linear import weight_first
+    from ..cpu_linear import best_time, weight_first
 
     generator = torch.Generator().manual_seed(0)
     weight = torch.randn(min(4 * hidden, PROBE_MAX_ROWS), hidden, generator=generator)
     packed = _pack(weight)
-
-    def best(fn) -> float:
-        fn()  # warm-up
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start)
-        return min(times)
-
     one, four = torch.randn(1, hidden, generator=generator), torch.randn(4, hidden, generator=generator)
-    plain_one, packed_one = best(lambda: F.linear(one, weight)), best(lambda: _linear(one, packed, None))
-    plain_four = min(best(lambda: F.linear(four, weight)), best(lambda: weight_first(four, weight, None)))
-    packed_four = best(lambda: _linear(four, packed, None))
+    plain_one = best_time(lambda: F.linear(one, weight), repeats)
+    packed_one = best_time(lambda: _linear(one, packed, None), repeats)
+    plain_four = min(best_time(lambda: F.linear(four, weight), repeats),
+                     best_time(lambda: weight_first(four, weight, None), repeats))
+    packed_four = best_time(lambda: _linear(four, packed, None), repeats)
     return packed_one < 0.9 * plain_one and packed_four <= 1.1 * plain_four
 
 
