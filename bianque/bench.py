@@ -40,7 +40,7 @@ import torch
 
 from .glm.config import GLMConfig
 from .cpu_linear import WeightFirstLinear, use_weight_first_
-from .glm.cpu_pack import PackedEmbedding, PackedLinear, PackedRows, pack_embedding_, pack_linears_, packing_pays
+from .glm.cpu_pack import PackedEmbedding, PackedLinear, PackedRows, pack_embedding_, pack_linears_, pack_or_weight_first_, packing_pays
 from .glm.generate import generate_tokens, static_decoder
 from .glm.model import GLMForCausalLM
 from .glm.quant import quantize_block_
@@ -460,10 +460,8 @@ def _serve_runner(kind: str, cfg: ServeConfig, max_batch: int):
 
     config = T5Config(vocab_size=32128, decoder_start_token_id=0, **SERVE_PRESETS["t5"][cfg.preset])
     model = T5ForConditionalGeneration(config).to(device=device, dtype=dtype).eval()
-    if cfg.pack and packing_pays(device, dtype, config.d_model):  # as load_questioner does
-        pack_linears_(model)
-    elif cfg.pack:
-        use_weight_first_(model)
+    if cfg.pack and device.type == "cpu" and dtype == torch.float32:  # as load_questioner does
+        pack_or_weight_first_(model, config.d_model)
     prompt = torch.randint(10, 32000, (cfg.prompt_tokens,), generator=torch.Generator().manual_seed(1)).tolist()
     return T5Runner(model, max_batch), prompt
 

@@ -25,7 +25,7 @@ import torch
 
 from .cpu_linear import use_weight_first_
 from .errors import ModelLoadError
-from .glm.cpu_pack import PackedLinear, pack_linears_, packing_pays
+from .glm.cpu_pack import pack_or_weight_first_
 from .hub import V1_REPO, resolve_checkpoint
 from .prompt import Fit, Turn, build_prompt, escape_v1, fit_dialogue, unescape_v1, validate_dialogue
 from .sampling import SamplingParams, banned_ngram_tokens, next_token
@@ -344,16 +344,17 @@ def load_questioner(model: str = V1_REPO, device: str = "cpu", dtype: str | None
     except (RuntimeError, AssertionError) as exc:  # no such CUDA device, out of memory, ...
         raise ModelLoadError(f"could not move BianQue-1.0 to {device}: {str(exc).splitlines()[0]}; "
                              "pick another --v1-device or --v1-dtype") from exc
+    packed = False
     if torch.device(device).type == "cpu" and next(net.parameters()).dtype == torch.float32:
-        if pack and packing_pays(device, torch.float32, net.config.d_model):
-            pack_linears_(net)  # every linear, the head included (a tied head keeps its embedding too)
+        if pack:  # every linear, the head included (a tied head keeps its embedding too), or weight-first ones
+            packed = pack_or_weight_first_(net, net.config.d_model)
         else:
-            use_weight_first_(net)  # few-row fp32 products (batched decode steps), where this CPU's BLAS favours it
+            use_weight_first_(net)  # few-row fp32 products, where this CPU's BLAS favours it (same Parameters)
     if max_batch > 0:
         check_kv_memory(slot_bytes(net, V1Params()), max_batch, "BianQue-1.0",
                         "--v1-max-batch (or --max-batch, BIANQUE_V1_MAX_BATCH, BIANQUE_MAX_BATCH)")
     log.info("loaded BianQue-1.0 from %s on %s (%s%s)", path, device, dtype_name(next(net.parameters()).dtype),
-             ", packed weights" if any(isinstance(m, PackedLinear) for m in net.modules()) else "")
+             ", packed weights" if packed else "")
     try:
         questioner = T5Questioner(net, tokenizer, source=model, max_batch=max_batch)
     except (torch.OutOfMemoryError, MemoryError) as exc:

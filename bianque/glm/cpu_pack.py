@@ -239,6 +239,18 @@ def pack_linears_(module: nn.Module) -> nn.Module:
     return module
 
 
+def pack_or_weight_first_(module: nn.Module, hidden: int) -> bool:
+    """A float32 model on CPU, in place: every linear packed where packing pays here (see
+    `packing_pays`), else weight-first linears where those do (cpu_linear.py). True if packed."""
+    from ..cpu_linear import use_weight_first_
+
+    if packing_pays("cpu", torch.float32, hidden):
+        pack_linears_(module)
+        return True
+    use_weight_first_(module)
+    return False
+
+
 def pack_embedding_(model: nn.Module) -> None:
     """Replace the tied word_embeddings / lm_head pair by one packed copy, in place."""
     rows = PackedRows.from_weight(model.transformer.word_embeddings.weight)
